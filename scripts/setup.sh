@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-command set-up: a virtual environment with the pinned packages of requirements.txt.
+#
+#   bash scripts/setup.sh            # creates ./.venv (git-ignored)
+#   VENV=/path/to/env bash scripts/setup.sh   # any other location
+#   PYTHON=python3.11 bash scripts/setup.sh   # another interpreter (3.10-3.12)
+#
+# Re-running is fast: nothing is installed when requirements.txt has not changed since the last success.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+stamp="$venv/.oscar-requirements.sha256"
+want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+    echo "set-up: $venv is up to date with requirements.txt"
+    exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "set-up: creating virtual environment $venv"
+    "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+echo "set-up: installing pinned packages (first run takes a few minutes)"
+"$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
+# Fail here, not in the first experiment, if torch and torchvision do not match.
+"$venv/bin/python" -c "import torch, torchvision, diffusers, peft, compressai, pyiqa, lpips; \
+torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); \
+print(f'set-up: torch {torch.__version__}, torchvision {torchvision.__version__}, diffusers {diffusers.__version__}')" \
+    2> >(grep -v -E 'Warning|warnings.warn|kernels' >&2)
+echo "$want" > "$stamp"
+echo "set-up: done. Activate with: source ${venv}/bin/activate"

@@ -1,0 +1,295 @@
+"""Typed, validated JSON option files.
+
+Option files are JSON with ``//`` and ``/* */`` comments (the field's habit). They are loaded into nested
+dataclasses; every key is checked (unknown, missing, wrong type, out of range) *before* any work starts, and
+a problem is reported as one line naming the file, the key path and what was expected. Any key can be
+overridden from the command line with ``--set key.path=value`` (the value is parsed as JSON, and taken as a
+plain string when it is not valid JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from utils.errors import OptionsError
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    choices: Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with the metadata the validator checks (choices, numeric range, help text)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def required(*, help: str = "", **kwargs: Any) -> Any:
+    """A field that every option file must set."""
+    return option(help=help, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove ``//`` line comments and ``/* */`` block comments outside JSON strings.
+
+    Line structure is kept (comments become spaces) so that JSON error positions still point at the right line.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_string = False
+            i += 1
+        elif c == '"':
+            in_string = True
+            out.append(c)
+            i += 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(" " * (end - i))
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end < 0:
+                raise json.JSONDecodeError("unterminated /* comment", text, i)
+            block = text[i : end + 2]
+            out.append("".join("\n" if ch == "\n" else " " for ch in block))
+            i = end + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_json_with_comments(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an option file into a plain dict, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionsError(f"{path}: option file not found")
+    try:
+        raw = json.loads(strip_json_comments(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as err:
+        raise OptionsError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise OptionsError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise OptionsError(f"{path}: the top level must be a JSON object {{...}}, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> str:
+    """Apply one ``key.path=value`` override to ``raw`` in place and return the key path."""
+    if "=" not in assignment:
+        raise OptionsError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set train.learning_rate=1e-4")
+    key_path, text = assignment.split("=", 1)
+    key_path = key_path.strip()
+    if not key_path or any(not part for part in key_path.split(".")):
+        raise OptionsError(f"--set {assignment!r}: empty key in key path {key_path!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node = raw
+    parts = key_path.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise OptionsError(f"--set {key_path}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return key_path
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(item)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "object"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str, meta: dict[str, Any]) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (lists, nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, meta)
+            except OptionsError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise OptionsError(f"{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise OptionsError(f"{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise OptionsError(f"{key}: expected an object {{...}}, got {json.dumps(value)}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise OptionsError(f"{key}: expected true or false, got {json.dumps(value)}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionsError(f"{key}: expected an integer, got {json.dumps(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionsError(f"{key}: expected a number, got {json.dumps(value)}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise OptionsError(f"{key}: expected a string, got {json.dumps(value)}")
+    elif tp is not Any:
+        raise TypeError(f"unsupported option type {tp!r} for {key}")
+    _check_range(value, key, meta)
+    return value
+
+
+def _check_range(value: Any, key: str, meta: dict[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise OptionsError(f"{key}: expected one of {', '.join(json.dumps(c) for c in choices)}, got {json.dumps(value)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise OptionsError(f"{key}: expected a value {op} {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise OptionsError(f"{key}: expected a value <= {hi}, got {value}")
+
+
+def _build(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "the top level"
+        raise OptionsError(
+            f"{_join(prefix, unknown[0])}: unknown key in {where}; known keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], key, dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, key)
+            else:
+                raise OptionsError(f"{key}: required key is missing ({f.metadata.get('help') or _type_name(hints[name])})")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        problem = check()
+        if problem:
+            sub_key, message = problem
+            raise OptionsError(f"{_join(prefix, sub_key)}: {message}")
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def build_options(cls: type[T], raw: dict[str, Any], source: str = "<options>") -> T:
+    """Validate a plain dict against the dataclass ``cls``; errors name ``source`` and the key path."""
+    try:
+        return _build(cls, raw)
+    except OptionsError as err:
+        raise OptionsError(f"{source}: {err}") from None
+
+
+def load_options(cls: type[T], path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> T:
+    """Load an option file (or only defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    raw = read_json_with_comments(path) if path is not None else {}
+    overridden = [apply_override(raw, a) for a in overrides]
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        return _build(cls, raw)
+    except OptionsError as err:
+        message = str(err)
+        key = message.split(":", 1)[0]
+        if any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in overridden):
+            source += " (with --set)"
+        raise OptionsError(f"{source}: {message}") from None
+
+
+def options_to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
+def save_options(options: Any, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved options as JSON (atomically), so a result can be reproduced from its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(options_to_dict(options), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, default_opt: str | None = None) -> None:
+    """The ``--opt FILE`` / ``--set key=value`` pair shared by every entry point."""
+    parser.add_argument("--opt", default=default_opt, metavar="FILE", help="JSON option file (// comments allowed)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one option, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    return load_options(cls, args.opt, args.overrides)
