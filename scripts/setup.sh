@@ -5,14 +5,15 @@
 #   VENV=/path/to/env bash scripts/setup.sh   # any other location
 #   PYTHON=python3.11 bash scripts/setup.sh   # another interpreter (3.10-3.12)
 #
-# Re-running is fast: nothing is installed when requirements.txt has not changed since the last success.
+# Re-running is fast: nothing is installed when requirements.txt, pyproject.toml and the checkout's location have not changed since the last success.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.oscar-requirements.sha256"
-want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$root/requirements.txt" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$want:$root"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
     echo "set-up: $venv is up to date with requirements.txt"
@@ -26,6 +27,8 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 echo "set-up: installing pinned packages (first run takes a few minutes)"
 "$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
+# This checkout itself, editable: `models` and `utils` then import from scripts/ and tests alike.
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
 # Fail here, not in the first experiment, if torch and torchvision do not match.
 "$venv/bin/python" -c "import torch, torchvision, diffusers, peft, compressai, pyiqa, lpips; \
 torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); \

@@ -256,7 +256,7 @@ def load_options(cls: type[T], path: str | os.PathLike[str] | None, overrides: S
     except OptionsError as err:
         message = str(err)
         key = message.split(":", 1)[0]
-        if any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in overridden):
+        if any(key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".") for k in overridden):
             source += " (with --set)"
         raise OptionsError(f"{source}: {message}") from None
 

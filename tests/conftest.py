@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random-weight SD model zoo built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    from utils.model_zoo import write_model_zoo
+
+    return write_model_zoo("tiny", tmp_path_factory.mktemp("zoo") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def kodak_dir() -> Path:
+    """The Kodak images beside the checkout (CI and developers only); tests that need them skip without."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"
+    if not path.is_dir() or not any(path.glob("*.png")):
+        pytest.skip("Kodak images not found at ../shared/data/kodak")
+    return path
