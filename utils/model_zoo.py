@@ -130,8 +130,12 @@ def load_sd_components(
     path: str | os.PathLike[str] = DEFAULT_ZOO,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    with_unet: bool = True,
 ) -> SDComponents:
-    """Load UNet, VAE and scheduler from a local diffusers-layout folder, offline; frozen and in eval mode."""
+    """Load UNet, VAE and scheduler from a local diffusers-layout folder, offline; frozen and in eval mode.
+
+    ``with_unet=False`` skips the UNet (3.5 GB for SD-2.1) for jobs that only need the VAE (stage 1).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     path = check_zoo(path)
@@ -139,7 +143,7 @@ def load_sd_components(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = dict(local_files_only=True, torch_dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs) if with_unet else None
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
         # SD-2.1 ships a DDIM config; OSCAR only needs the noise schedule, which DDPMScheduler reads from it.
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
@@ -147,7 +151,8 @@ def load_sd_components(
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelZooError(f"model zoo {path}: could not be loaded ({first_line})") from None
     for module in (unet, vae):
-        module.requires_grad_(False).eval().to(device)
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
     return SDComponents(unet=unet, vae=vae, scheduler=scheduler, path=path)
 
 
