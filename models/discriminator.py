@@ -1,0 +1,251 @@
+"""OSCAR's latent GAN discriminator: the encoder half of a second SD UNet, with its own LoRA and a conv head.
+
+Stage 2 adds a small adversarial term (weight 5e-3 for the generator) so that the one-step x0 latent looks like
+a real VAE latent. The discriminator judges latents, not pixels::
+
+    latent ─► add_noise(t ~ U[t_low, t_high)) ─► conv_in ─► down_blocks ─► mid_block ─► head ─► logits map
+                                        time embedding(t) ──┘      prompt embedding ──┘ (cross-attention)
+
+Design choices (the reference describes the pieces, not these details):
+
+* The UNet is a separate instance from the generator's: frozen base weights, its own LoRA adapters on the same
+  targets as the generator (:func:`models.lora.add_oscar_lora`). Its ``up_blocks``, ``conv_norm_out`` and
+  ``conv_out`` are removed before the adapters are added, so they are neither held nor adapted: about half of
+  SD-2.1's UNet weights are never kept in memory. What is adapted is ``conv_in`` and every target in
+  ``down_blocks`` (the "encoder" adapter) and in ``mid_block`` (the "others" adapter); ``conv_in``'s base
+  weights stay frozen here (only the generator fine-tunes them in full).
+* Conditioning: the discriminator holds no prompt embedding of its own. It is given the generator's learned
+  prompt embedding (SD's cross-attention needs some 77 x D context; no text encoder exists in OSCAR) and
+  *detaches* it: otherwise the generator loss could lower itself by moving the prompt, which steers the
+  discriminator, instead of by improving the latent. Real and fake latents see the same context.
+* Head: ``conv(C, 2C, k4, pad 2) - GroupNorm - SiLU - conv(2C, 1, k4, pad 1)`` with ``C`` the UNet's last
+  ``block_out_channels`` (1280 for SD-2.1). A kernel-4 convolution with padding 2 grows a map by one, with
+  padding 1 shrinks it by one, so the logit map has exactly the mid block's grid (latent side / 8, rounded up):
+  an 8x8 latent (a 64-pixel image) still gives one logit, where unpadded k4 convolutions would need 7x7.
+  GroupNorm uses 32 groups, or the largest divisor of 2C below that for tiny test models.
+* Each sample gets its own random timestep and noise, drawn from ``generator`` when one is given, so a seeded
+  generator makes a forward pass reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lora import add_oscar_lora
+
+DEFAULT_TIMESTEP_RANGE = (20, 980)
+MAX_NORM_GROUPS = 32
+# UNet features the down/mid-only forward does not reproduce; a UNet that uses any of them is refused.
+UNSUPPORTED_CONFIG = ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type")
+
+
+def unet_down_mid_features(
+    unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """The UNet's mid-block output: steps 1-4 of ``UNet2DConditionModel.forward`` (time, conv_in, down, mid).
+
+    It calls the UNet's own submodules with the arguments its ``forward`` passes them (diffusers 0.42), so the
+    up path never has to exist. ``timesteps`` holds one timestep per sample.
+    """
+    t_emb = unet.time_proj(timesteps).to(dtype=sample.dtype)  # Timesteps has no weights and returns fp32
+    emb = unet.time_embedding(t_emb)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    h = unet.conv_in(sample)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+    return unet.mid_block(h, emb)
+
+
+def drop_up_path(unet: nn.Module) -> None:
+    """Remove what only the UNet's decoder half uses; the UNet's own ``forward`` cannot run afterwards."""
+    unet.up_blocks = nn.ModuleList()
+    unet.conv_norm_out = None
+    unet.conv_act = None
+    unet.conv_out = None
+
+
+def norm_groups(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
+    """The largest group count <= ``max_groups`` that divides ``channels`` (32 for SD's widths)."""
+    return math.gcd(channels, max_groups)
+
+
+class DiscriminatorHead(nn.Module):
+    """conv(C -> 2C, k4) - GroupNorm - SiLU - conv(2C -> 1, k4): one logit per mid-block position."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 2 * channels, kernel_size=4, padding=2)
+        self.norm = nn.GroupNorm(norm_groups(2 * channels), 2 * channels)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(2 * channels, 1, kernel_size=4, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.norm(self.conv1(features))))
+
+
+class LatentDiscriminator(nn.Module):
+    """Logits ``(B, 1, ceil(h/8), ceil(w/8))`` for a latent ``(B, 4, h, w)``; see the module docstring."""
+
+    def __init__(self, unet: nn.Module, scheduler: Any, lora_rank: int, lora_alpha: float,
+                 timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE) -> None:  # fmt: skip
+        """Prefer :meth:`from_unet` / :meth:`from_zoo`; ``unet`` is taken over and modified in place."""
+        super().__init__()
+        check_unet(unet)
+        low, high = (int(t) for t in timestep_range)
+        num_steps = int(scheduler.config.num_train_timesteps)
+        if not 0 <= low < high <= num_steps:
+            raise ValueError(f"timestep_range {tuple(timestep_range)}: expected 0 <= low < high <= {num_steps}")
+        self.timestep_range = (low, high)
+        self.scheduler = scheduler
+        drop_up_path(unet)
+        unet.requires_grad_(False)
+        self.lora_groups = add_oscar_lora(unet, lora_rank, lora_alpha)
+        self.unet = unet
+        channels = int(unet.config.block_out_channels[-1])
+        self.head = DiscriminatorHead(channels).to(device=unet.device, dtype=unet.dtype)
+
+    @classmethod
+    def from_unet(
+        cls, unet: nn.Module, scheduler: Any, lora_rank: int = 16, lora_alpha: float = 8,
+        timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE,
+    ) -> LatentDiscriminator:  # fmt: skip
+        """Build on ``unet``, a UNet of its own: it loses its up path and gains adapters, so never pass the
+        generator's (a UNet that already carries adapters is refused)."""
+        return cls(unet, scheduler, lora_rank, lora_alpha, timestep_range)
+
+    @classmethod
+    def from_zoo(
+        cls, path: str | os.PathLike[str], lora_rank: int = 16, lora_alpha: float = 8,
+        timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> LatentDiscriminator:  # fmt: skip
+        """Load a fresh copy of the zoo's UNet (and scheduler) for the discriminator; the generator's is untouched."""
+        from utils.model_zoo import load_sd_components
+
+        sd = load_sd_components(path, device=device, dtype=dtype)  # the VAE it also loads is dropped on return
+        return cls(sd.unet, sd.scheduler, lora_rank, lora_alpha, timestep_range)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def noise(self, latent: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, t)``: the latent noised by the scheduler at one random timestep per sample."""
+        draw_device = generator.device if generator is not None else latent.device
+        low, high = self.timestep_range
+        t = torch.randint(low, high, (latent.shape[0],), generator=generator, device=draw_device)
+        eps = torch.randn(latent.shape, generator=generator, device=draw_device, dtype=latent.dtype)
+        t, eps = t.to(latent.device), eps.to(latent.device)
+        return self.scheduler.add_noise(latent, eps, t), t
+
+    def forward(
+        self, latent: torch.Tensor, encoder_hidden_states: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Logits of "real" for ``latent`` ``(B, C, h, w)`` under a prompt ``(B, T, D)`` or ``(T, D)`` (detached)."""
+        expected_channels = int(self.unet.config.in_channels)
+        if latent.dim() != 4 or latent.shape[1] != expected_channels:
+            raise ValueError(f"latent of shape {tuple(latent.shape)}: expected (B, {expected_channels}, h, w)")
+        context = self._context(encoder_hidden_states, latent.shape[0])
+        x_t, t = self.noise(latent.to(self.unet.dtype), generator)
+        features = unet_down_mid_features(self.unet, x_t, t, context)
+        return self.head(features)
+
+    def _context(self, encoder_hidden_states: torch.Tensor, batch: int) -> torch.Tensor:
+        width = int(self.unet.config.cross_attention_dim)
+        ehs = encoder_hidden_states.detach().to(self.unet.dtype)
+        if ehs.dim() == 2:
+            ehs = ehs[None]
+        if ehs.dim() != 3 or ehs.shape[-1] != width or ehs.shape[0] not in (1, batch):
+            raise ValueError(
+                f"encoder_hidden_states of shape {tuple(encoder_hidden_states.shape)}: expected (T, {width}) or "
+                f"(1 or {batch}, T, {width})"
+            )
+        return ehs.expand(batch, -1, -1)
+
+    # -------------------------------------------------------------------------------- trainable weights
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA tensors of the UNet copy and the head: everything the discriminator's optimizer updates."""
+        lora = [p for name, p in self.unet.named_parameters() if "lora_" in name]
+        return lora + list(self.head.parameters())
+
+    def set_trainable(self, enabled: bool) -> None:
+        """Switch gradients of the trainable tensors, e.g. off during the generator step so that backward
+        through the discriminator does not compute (or accumulate) gradients the generator never uses."""
+        for p in self.trainable_parameters():
+            p.requires_grad_(enabled)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached tensors ``unet.<lora key>`` and ``head.<key>``: safetensors-ready, no pickled objects."""
+        state = {f"unet.{k}": v.detach() for k, v in self.unet.state_dict().items() if "lora_" in k}
+        state.update({f"head.{k}": v.detach() for k, v in self.head.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state` wrote; every key must be present with its shape, and no other."""
+        expected = self.trainable_state()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            raise ValueError(
+                f"discriminator state does not match this model ({what}; {len(missing)} missing, "
+                f"{len(unexpected)} unexpected)"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise ValueError(f"discriminator state {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+        with torch.no_grad():
+            for key, value in state.items():
+                expected[key].copy_(value)  # the detached tensors share storage with the parameters
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the down/mid blocks' activations in backward (diffusers' per-block checkpointing)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.unet.disable_gradient_checkpointing()
+
+
+def check_unet(unet: nn.Module) -> None:
+    """Refuse UNets this module cannot run correctly or must not modify."""
+    if getattr(unet, "peft_config", None):
+        raise ValueError(
+            "this UNet already carries LoRA adapters (the generator's?); give the discriminator a freshly loaded copy"
+        )
+    if getattr(unet, "up_blocks", None) is None or len(unet.up_blocks) == 0:
+        raise ValueError("this UNet has no up blocks: it is already a discriminator's; load a fresh copy")
+    config = unet.config
+    used = [key for key in UNSUPPORTED_CONFIG if config.get(key) is not None]
+    if used or config.get("center_input_sample"):
+        raise ValueError(f"UNet config uses {used or ['center_input_sample']}: the discriminator supports SD-style UNets only")
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``mean(softplus(-D(fake)))`` = BCE of fake logits against "real"."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """``(BCE(D(real), 1) + BCE(D(fake), 0)) / 2`` over all logit positions.
+
+    Compute ``fake_logits`` from the detached fake latent, so this loss trains only the discriminator.
+    """
+    real = F.binary_cross_entropy_with_logits(real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32))
+    fake = F.binary_cross_entropy_with_logits(fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float32))
+    return 0.5 * (real + fake)
+
+
+__all__ = [
+    "DiscriminatorHead", "LatentDiscriminator", "discriminator_loss", "generator_loss", "unet_down_mid_features",
+]  # fmt: skip
