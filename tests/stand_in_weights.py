@@ -4,6 +4,12 @@ Each writer produces a file with the exact name, keys and shapes the loading lib
 random (seeded), so scores are meaningless but the code paths (loading, forward, backward) are the real ones.
 Backbone classifier matrices, unused by every metric here, are stored as expanded zero tensors: torch.save keeps
 one element, and ``load_state_dict`` broadcasts it, so the vgg16 stand-in is 59 MB instead of 528 MB.
+The big networks of MUSIQ, CLIP RN50 and the FID Inception (27M, 102M and 24M parameters) are stored as
+"Hankel" views (see :func:`_hankel`): every tensor is full-size and random-looking once loaded, but torch.save keeps
+only one short random vector per tensor, so all three files together take well under 1 MB.
+
+CLIP's ``RN50.pt`` is checked against its SHA-256 by both pyiqa and :func:`utils.weights.check_weights`; a stand-in
+cannot pass that, so tests load it inside :func:`accept_stand_in_clip`, which bypasses only those two hash checks.
 
 To cover another metric, add a writer for each of its files to ``WRITERS`` (keyed by the file name).
 """
@@ -11,15 +17,18 @@ To cover another metric, add a writer for each of its files to ``WRITERS`` (keye
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torchvision
 
+from utils import weights
 from utils.weights import REGISTRY, WeightFile, sync_pyiqa_cache_dir
 
 Writer = Callable[[Path], None]
@@ -65,12 +74,135 @@ def _write_dists(path: Path) -> None:
     torch.save({key: 0.1 + 0.01 * torch.rand(1, 1475, 1, 1, generator=gen) for key in ("alpha", "beta")}, path)
 
 
+def _hankel(shape: torch.Size, std: float, gen: torch.Generator) -> torch.Tensor:
+    """A full-size tensor whose element ``[i, j, ...]`` is ``v[i + j + ...]`` for one random vector ``v``.
+
+    It is a strided view (every stride 1), so torch.save stores only ``v`` (``sum(shape) - ndim + 1`` numbers) and
+    ``load_state_dict`` copies it out into an ordinary parameter. Entries are i.i.d. N(0, std^2) marginally, and a
+    matrix built this way has full rank, unlike the expanded constants used for unused classifier layers.
+    """
+    length = sum(size - 1 for size in shape) + 1
+    base = torch.randn(length, generator=gen) * std
+    return base.as_strided(tuple(shape), (1,) * len(shape))
+
+
+def _random_state_dict(shapes: dict[str, tuple[torch.Size, torch.dtype]], seed: int) -> dict[str, torch.Tensor]:
+    """Plausible random values for a state dict, by key name; big tensors as :func:`_hankel` views.
+
+    Norm layers get unit scale and zero shift (and unit running variance), embeddings std 0.02, and weight matrices
+    He-scaled so activations neither vanish nor explode through deep stacks (the Inception has ~50 conv layers).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, (shape, dtype) in shapes.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if not dtype.is_floating_point:
+            state[key] = torch.zeros(shape, dtype=dtype)
+        elif leaf == "logit_scale":
+            state[key] = torch.full(shape, math.log(100.0))  # CLIP's trained temperature, clamped at 100
+        elif leaf == "running_var":
+            state[key] = torch.ones(1).expand(shape)
+        elif leaf in ("running_mean", "bias") or key.endswith("_bias"):
+            state[key] = torch.zeros(1).expand(shape)
+        elif "emb" in key or leaf in ("cls", "class_embedding"):
+            state[key] = _hankel(shape, 0.02, gen)
+        elif len(shape) <= 1:
+            state[key] = torch.ones(1).expand(shape)  # LayerNorm / BatchNorm / GroupNorm scales
+        else:
+            fan_in = math.prod(shape[1:])
+            state[key] = _hankel(shape, math.sqrt(1.0 / fan_in), gen)
+    return state
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    return {key: (value.shape, value.dtype) for key, value in module.state_dict().items()}
+
+
+# CLIP RN50's configuration, as pyiqa's clip_model.build_model reads it off the real checkpoint.
+_CLIP_RN50_CONFIG: dict[str, object] = {
+    "embed_dim": 1024,
+    "image_resolution": 224,
+    "vision_layers": (3, 4, 6, 3),
+    "vision_width": 64,
+    "vision_patch_size": None,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 512,
+    "transformer_heads": 8,
+    "transformer_layers": 12,
+}
+
+
+def _save_as_torchscript(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save ``state`` as a TorchScript archive whose ``state_dict()`` is ``state`` (views and all).
+
+    pyiqa's CLIP loader tries ``torch.jit.load`` first and only then ``torch.load`` on the same, by then exhausted,
+    file handle, so a plain torch.save file fails there with EOFError; the real RN50.pt is such an archive too.
+    """
+    import warnings
+
+    root = torch.nn.Module()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        torch.jit.save(torch.jit.script(root), str(path))
+
+
+def _write_clip_rn50(path: Path) -> None:
+    """CLIP RN50 as pyiqa's ``clip_model.load`` reads it: a TorchScript archive, rebuilt from its state dict."""
+    from pyiqa.archs.clip_model import CLIP
+
+    with torch.device("meta"):
+        shapes = _shapes(CLIP(**_CLIP_RN50_CONFIG))
+    _save_as_torchscript(_random_state_dict(shapes, seed=50), path)
+
+
+def _write_clipiqa_plus_prompts(path: Path) -> None:
+    """CLIP-IQA+ loads one tensor into ``prompt_learner.ctx``: 2 prompts x 16 context tokens x 512 channels."""
+    gen = torch.Generator().manual_seed(216)
+    torch.save(torch.randn(2, 16, 512, generator=gen) * 0.02, path)
+
+
+def _write_musiq_koniq(path: Path) -> None:
+    """pyiqa's MUSIQ with the KonIQ head (one output); loaded strictly, no ``params`` wrapper."""
+    from pyiqa.archs.musiq_arch import MUSIQ
+
+    with torch.device("meta"):
+        shapes = _shapes(MUSIQ(pretrained=False))
+    torch.save(_random_state_dict(shapes, seed=10), path)
+
+
+def _write_fidelity_inception(path: Path) -> None:
+    """torch-fidelity's Inception (what torchmetrics' FID/KID load). Its constructor loads weights itself, so the
+    shapes are read from an instance built on the meta device with that loading stubbed out."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    with (
+        torch.device("meta"),
+        mock.patch.object(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {}),
+        mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None),
+    ):
+        shapes = _shapes(fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]))
+    torch.save(_random_state_dict(shapes, seed=2048), path)
+
+
 WRITERS: dict[str, Writer] = {
     "vgg16-397923af.pth": _write_vgg16,
     "alexnet-owt-7be5be79.pth": _write_alexnet,
     "LPIPS_v0.1_alex-df73285e.pth": _lpips_heads([64, 192, 384, 256, 256], seed=1),
     "LPIPS_v0.1_vgg-a78928a0.pth": _lpips_heads([64, 128, 256, 512, 512], seed=2),
     "DISTS_weights-f5e65c96.pth": _write_dists,
+    "musiq_koniq_ckpt-e95806b9.pth": _write_musiq_koniq,
+    "RN50.pt": _write_clip_rn50,
+    "CLIP-IQA%2B_learned_prompts-603f3273.pth": _write_clipiqa_plus_prompts,
+    "weights-inception-2015-12-05-6726825d.pth": _write_fidelity_inception,
 }
 
 
@@ -117,3 +249,32 @@ def torch_home(path: Path) -> Iterator[Path]:
     finally:
         if "pyiqa.utils.download_util" in sys.modules:
             sync_pyiqa_cache_dir()
+
+
+@contextlib.contextmanager
+def accept_stand_in_clip() -> Iterator[None]:
+    """Let a stand-in ``RN50.pt`` through the two SHA-256 checks that guard the real one, inside the block only.
+
+    :func:`utils.weights.check_weights` compares the file's hash with the one in the OpenAI URL, and pyiqa's
+    ``clip_model._download`` does the same and re-downloads on a mismatch. Here the first reports the expected hash for
+    any file named ``RN50.pt`` and the second returns the local file as it is; every other code path is unchanged.
+    """
+    from pyiqa.archs import clip_model
+
+    real_sha256 = weights._sha256
+
+    def sha256(path: str, size: int, mtime_ns: int) -> str:
+        if Path(path).name == weights.CLIP_RN50.name:
+            return weights.CLIP_RN50.sha256 or ""
+        return real_sha256(path, size, mtime_ns)
+
+    def local_file(url: str, root: str) -> str:
+        target = os.path.join(root, os.path.basename(url))
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"stand-in {target} was not written")
+        return target
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights, "_sha256", sha256)
+        patch.setattr(clip_model, "_download", local_file)
+        yield
