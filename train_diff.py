@@ -1,0 +1,330 @@
+"""Stage 2 of OSCAR: one LoRA-fine-tuned SD-2.1 UNet that decodes every bit-rate in one step.
+
+    python train_diff.py --opt options/train_diff.json
+    python train_diff.py --opt ... --resume latest                 # continue an interrupted run
+    accelerate launch --multi_gpu --num_processes 8 train_diff.py --opt ...
+    bash scripts/train.sh [options.json] [--set ...]
+
+Trainable: the UNet's LoRA adapters (encoder/decoder/other groups) and its ``conv_in``, the prompt embedding and the
+hyper-encoders of all levels (initialised from stage 1's ``final/`` folders). Each optimizer step draws one level
+(the same on every process); the loss is L1 + DISTS + edge (DISTS between Sobel magnitudes) + 2 x latent cosine
++ GAN generator term, each weight in ``loss``; a weight of 0 switches its term off (``loss.gan = 0`` also removes
+the discriminator). The latent discriminator (a second SD UNet's down and mid blocks with their own LoRA and a conv
+head, on latents noised to t in ``disc_timestep_range``) has its own AdamW. At the end, ``final/`` is an exported
+model (with codebook-usage priors measured on training crops) that test.py, compress.py and decompress.py load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+
+from models.discriminator import LatentDiscriminator, discriminator_loss, generator_loss
+from models.hyper_encoder import HyperEncoder
+from models.losses import ReconstructionLoss
+from models.oscar import OSCARModel
+from utils.codec import measure_index_counts
+from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
+from utils.device import resolve_dtype
+from utils.errors import OptionsError, UserError, exit_on_user_error
+from utils.image_io import save_png
+from utils.model_zoo import check_zoo, load_sd_components
+from utils.option_schemas import Stage2Options
+from utils.options import add_option_arguments, options_from_args
+from utils.training import (
+    CheckpointManager,
+    ModuleCheckpoint,
+    ResumableBatches,
+    RunDir,
+    TrainState,
+    build_lr_scheduler,
+    build_optimizer,
+    count_parameters,
+    derived_generator,
+    enable_gradient_checkpointing,
+    epochs_for,
+    init_trackers,
+    log_training_summary,
+    make_accelerator,
+    optimizer_step,
+    register_checkpoint_modules,
+    resolve_resume,
+    run_training_loop,
+    write_run_options,
+)
+from utils.weights import check_weights
+
+log = logging.getLogger("train_diff")
+EXIT_INTERRUPTED = 130
+METRICS_FILE = "metrics.jsonl"
+PRIOR_PATCHES = 256  # training crops on which the exported model's codebook-usage priors are measured
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_option_arguments(parser, default_opt="options/train_diff.json")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint or a checkpoint folder")
+    parser.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop once STEP steps are done")
+    return parser.parse_args(argv)
+
+
+def check_stage1_checkpoints(options: Stage2Options) -> list[Path]:
+    """Each level's stage-1 folder must exist and hold a hyper-encoder of that level's rate point and width."""
+    folders = []
+    for level, (bpp, folder) in enumerate(zip(options.model.levels, options.hyper_encoder_checkpoints)):
+        path = Path(folder)
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"hyper_encoder_checkpoints[{level}] (bpp {bpp}): {path} is not a stage-1 checkpoint (no config.json); "
+                f"train it with `python train_hyper_enc.py --set bpp={bpp}` and point here at its final/ folder"
+            )
+        folders.append(path)
+    return folders
+
+
+def load_stage1_into(model: OSCARModel, folders: list[Path]) -> None:
+    for level, folder in enumerate(folders):
+        loaded = HyperEncoder.from_pretrained(folder)
+        target = model.hyper_encoders[level]
+        keys = ("codebook_size", "downsamplings", "channels", "hyper_dim", "codebook_dim")
+        got = {k: loaded.config[k] for k in keys}
+        want = {k: target.config[k] for k in keys}
+        if got != want:
+            diff = ", ".join(f"{k} {got[k]} (expected {want[k]})" for k in keys if got[k] != want[k])
+            raise UserError(f"hyper_encoder_checkpoints[{level}]: {folder} does not fit level {level}: {diff}")
+        target.load_state_dict(loaded.state_dict())
+
+
+def generator_parameters(model: OSCARModel) -> list[torch.nn.Parameter]:
+    """LoRA + conv_in + prompt embedding + all hyper-encoders; everything else stays frozen."""
+    for name, p in model.unet.named_parameters():
+        if name.startswith("conv_in.") and "lora_" not in name:
+            p.requires_grad_(True)
+    model.hyper_encoders.requires_grad_(True)
+    model.prompt_embedding.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Validator:
+    """Compress -> decompress the validation images at the lowest and highest level; PSNR and PNGs per step."""
+
+    def __init__(self, images: ValidationImages, out_dir: Path) -> None:
+        self.images = images
+        self.out_dir = out_dir
+
+    @torch.no_grad()
+    def __call__(self, model: OSCARModel, step: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        scores: dict[str, float] = {}
+        folder = self.out_dir / f"step-{step}"
+        try:
+            for level in sorted({0, model.num_levels - 1}):
+                psnrs = []
+                for item in self.images:
+                    x = item.image[None].to(model.device)
+                    y = model.decode(model.encode(x, level))
+                    mse = float(((y - x.float()) / 2).pow(2).mean())
+                    psnrs.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
+                    save_png(y, folder / f"{item.name}_level{level}.png")
+                scores[f"val/psnr_level{level}"] = sum(psnrs) / len(psnrs)
+        finally:
+            model.train(was_training)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scores.json").write_text(json.dumps({"step": step, **scores}, indent=2) + "\n")
+        return scores
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    """Train the multi-rate model; returns the run folder. User errors surface before anything is written."""
+    args = parse_args(argv)
+    options = options_from_args(Stage2Options, args)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise OptionsError(f"--stop-at {args.stop_at}: expected a step >= 1")
+    run = RunDir.of(options.output_root, options.name)
+    resume_from = resolve_resume(run, args.resume)
+    seed = options.runtime.seed
+    loss_opts = options.loss
+
+    # Everything a user can get wrong is checked before the run folder is touched.
+    check_zoo(options.model_zoo.path)
+    stage1 = check_stage1_checkpoints(options)
+    if loss_opts.dists > 0 or loss_opts.edge > 0:
+        check_weights("dists")
+    data = options.data
+    train_set = ImageFolderDataset(data.train_roots, data.patch_size, data.small_images, augment=True, seed=seed)
+    val_set = ValidationImages(data.val_root, data.max_val_images) if data.val_root else None
+    raw_loader = make_dataloader(train_set, data.batch_size, data.num_workers, seed)
+
+    # One level per step leaves the other levels' hyper-encoders without gradients: DDP must allow that.
+    accelerator = make_accelerator(
+        options.train, run.root, seed, device=options.runtime.device, find_unused_parameters=True
+    )
+    device = accelerator.device
+    frozen_dtype = resolve_dtype(options.runtime.precision, device)
+    model = OSCARModel(load_sd_components(options.model_zoo.path, dtype=frozen_dtype), options.model)
+    load_stage1_into(model, stage1)
+    model.to(device)
+    model.vae.to(frozen_dtype)
+    params = generator_parameters(model)
+    # Frozen weights may be bf16/fp16 (runtime.precision); what is trained stays fp32 (use train.mixed_precision
+    # for autocast), as in diffusers' LoRA examples.
+    cast_training_params(model, dtype=torch.float32)
+    model.train()
+    model.vae.eval()
+
+    use_gan = loss_opts.gan > 0
+    disc = None
+    if use_gan:
+        disc = LatentDiscriminator.from_zoo(
+            options.model_zoo.path,
+            lora_rank=options.model.lora_rank,
+            lora_alpha=options.model.lora_alpha,
+            timestep_range=tuple(options.disc_timestep_range),
+            device=device,
+            dtype=frozen_dtype,
+        )
+        disc.head.float()
+    if options.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model.unet, *( [disc.unet] if disc is not None else []))
+    recon = ReconstructionLoss(
+        l1_weight=loss_opts.l1,
+        dists_weight=loss_opts.dists,
+        edge_weight=loss_opts.edge,
+        latent_weight=loss_opts.latent_cosine,
+        device=device,
+    )
+
+    optimizer = build_optimizer(params, options.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, options.optimizer, options.train.max_steps, accelerator.num_processes)
+    prepared = [model, optimizer, raw_loader, lr_scheduler]
+    if disc is not None:
+        disc_params = disc.trainable_parameters()
+        disc_optimizer = build_optimizer(disc_params, options.optimizer)
+        disc_scheduler = build_lr_scheduler(disc_optimizer, options.optimizer, options.train.max_steps, accelerator.num_processes)
+        prepared += [disc, disc_optimizer, disc_scheduler]
+    prepared = accelerator.prepare(*prepared)
+    wrapped, optimizer, loader, lr_scheduler = prepared[:4]
+    if disc is not None:
+        wrapped_disc, disc_optimizer, disc_scheduler = prepared[4:]
+    modules = {"generator": ModuleCheckpoint.trainable_only(model)}
+    if disc is not None:
+        modules["discriminator"] = ModuleCheckpoint.trainable_only(disc)
+    register_checkpoint_modules(accelerator, modules)
+    checkpoints = CheckpointManager(accelerator, run.checkpoints, options.train.checkpoints_total_limit)
+
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpoints.load(resume_from)
+        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
+    write_run_options(accelerator, options, run)
+    init_trackers(accelerator, run.root.name, options, resume_step=state.step)
+
+    global_batch = data.batch_size * accelerator.num_processes
+    batches = ResumableBatches(loader, state, global_batch, sampler=raw_loader.sampler)
+    log_training_summary(
+        accelerator,
+        num_examples=len(train_set),
+        batch_size=data.batch_size,
+        max_steps=options.train.max_steps,
+        trainable_parameters=count_parameters(model) + (count_parameters(disc) if disc is not None else 0),
+        start_step=state.step,
+        **{
+            "Levels": ", ".join(f"{b} bpp @ t={t}" for b, t in zip(options.model.levels, options.model.timesteps)),
+            "Loss terms": ", ".join(recon.enabled + (["gan"] if use_gan else [])),
+            "Num epochs (approx.)": epochs_for(
+                options.train.max_steps, len(train_set), global_batch, accelerator.gradient_accumulation_steps
+            ),
+            "Run folder": run.root,
+        },
+    )
+
+    def train_step(images: torch.Tensor, state: TrainState) -> dict[str, torch.Tensor | float]:
+        # The level is drawn from the batch's place in the data order: the same on every process, and after a resume.
+        level_rng = derived_generator(seed, state.epoch, state.samples_in_epoch)
+        level = int(torch.randint(model.num_levels, (1,), generator=level_rng))
+        out = wrapped(images, level)
+        terms = recon(out.x_hat.float(), images.float(), z_hat=out.latent_hat.float(), z=out.latent.float())
+        loss = terms["total"]
+        values: dict[str, torch.Tensor | float] = {f"loss/{k}": v.detach() for k, v in terms.items() if k != "total"}
+        values["level"] = float(level)
+        if disc is not None:
+            # Generator term: gradients reach the generator only (the discriminator's own parameters are switched off).
+            disc.set_trainable(False)
+            try:
+                g_loss = generator_loss(disc(out.x0_latent.float(), model.prompt_embedding, generator=level_rng))
+            finally:
+                disc.set_trainable(True)
+            loss = loss + loss_opts.gan * g_loss
+            values["loss/gan_generator"] = g_loss.detach()
+        accelerator.backward(loss)
+        optimizer_step(accelerator, optimizer, lr_scheduler, params, options.optimizer.max_grad_norm)
+        values["loss/total"] = loss.detach()
+        if disc is not None:
+            disc_rng = derived_generator(seed, state.epoch, state.samples_in_epoch, accelerator.process_index, 1)
+            real = wrapped_disc(out.latent.float(), model.prompt_embedding, generator=disc_rng)
+            fake = wrapped_disc(out.x0_latent.detach().float(), model.prompt_embedding, generator=disc_rng)
+            d_loss = loss_opts.discriminator * discriminator_loss(real, fake)
+            accelerator.backward(d_loss)
+            optimizer_step(accelerator, disc_optimizer, disc_scheduler, disc_params, options.optimizer.max_grad_norm)
+            values["loss/discriminator"] = d_loss.detach()
+        values["lr"] = lr_scheduler.get_last_lr()[0]
+        return values
+
+    validate = None
+    if val_set is not None:
+        validator = Validator(val_set, run.validation)
+
+        def validate(step: int) -> dict[str, float] | None:
+            return validator(model, step) if accelerator.is_main_process else None
+
+    result = run_training_loop(
+        accelerator,
+        batches=batches,
+        models=[wrapped] + ([wrapped_disc] if disc is not None else []),
+        step_fn=train_step,
+        train=options.train,
+        checkpoints=checkpoints,
+        validate=validate,
+        stop_at=args.stop_at,
+        description="OSCAR stage 2",
+        metrics_file=run.logs / METRICS_FILE,
+    )
+    if result.status == "finished" and accelerator.is_main_process:
+        export_model(model, train_set, options, run.final)
+        log.info("exported the trained model to %s", run.final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.state.step}; checkpoint {result.checkpoint}; continue with --resume latest",
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+    return run.root
+
+
+def export_model(model: OSCARModel, train_set: ImageFolderDataset, options: Stage2Options, out: Path) -> Path:
+    """Measure codebook-usage priors on training crops, then write the exported model (safetensors + JSON)."""
+    model.eval()
+    count = min(PRIOR_PATCHES, len(train_set))
+    crops = (train_set[i][None].to(model.device) for i in range(count))
+    model.index_counts = measure_index_counts(model, crops, total=count, progress=True)
+    model.invalidate_fingerprint()
+    return model.save_pretrained(out, zoo_path=options.model_zoo.path)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    for name in ("train_diff", "utils"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    configure_logging()
+    main()
