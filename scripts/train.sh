@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Stage 2 of OSCAR: one LoRA UNet for all bit-rates, with train_diff.py.
+#
+#   bash scripts/train.sh [OPTIONS.json] [--set key=value ...] [--resume latest] [--stop-at STEP]
+#
+# Environment:
+#   NUM_GPUS=N          N > 1: `accelerate launch --multi_gpu --num_processes N` (one node)
+#   ACCELERATE=1        use `accelerate launch` (with your `accelerate config`, e.g. multi-node) even for one process
+#   MAIN_PROCESS_PORT   passed as --main_process_port when set (several multi-GPU jobs on one machine)
+# Otherwise it runs plain `python`. Relative paths in the option file are relative to the current folder.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OPT="$ROOT/options/train_diff.json"
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  OPT="$1"
+  shift
+fi
+
+NUM_GPUS="${NUM_GPUS:-1}"
+if [[ "${ACCELERATE:-0}" == 1 || "$NUM_GPUS" -gt 1 ]]; then
+  LAUNCH=(accelerate launch --num_processes "$NUM_GPUS")
+  if [[ "$NUM_GPUS" -gt 1 ]]; then LAUNCH+=(--multi_gpu); fi
+  if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then LAUNCH+=(--main_process_port "$MAIN_PROCESS_PORT"); fi
+else
+  LAUNCH=(python)
+fi
+exec "${LAUNCH[@]}" "$ROOT/train_diff.py" --opt "$OPT" "$@"
