@@ -24,3 +24,18 @@ def kodak_dir() -> Path:
     if not path.is_dir() or not any(path.glob("*.png")):
         pytest.skip("Kodak images not found at ../shared/data/kodak")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_zoo) -> Path:
+    """An untrained exported OSCAR model (small hyper-encoders) on the tiny zoo, for file-level tests."""
+    import torch
+
+    from models.oscar import OSCARModel
+    from utils.model_zoo import load_sd_components
+    from utils.option_schemas import HyperEncoderOptions, ModelOptions
+
+    options = ModelOptions(hyper_encoder=HyperEncoderOptions(channels=16, hyper_dim=32, codebook_dim=8), lora_rank=2, lora_alpha=1.0)
+    torch.manual_seed(0)
+    model = OSCARModel(load_sd_components(tiny_zoo), options)
+    return model.save_pretrained(tmp_path_factory.mktemp("export") / "model", zoo_path=str(tiny_zoo))

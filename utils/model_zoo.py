@@ -81,7 +81,7 @@ TINY_UNET: dict[str, Any] = dict(
 # SD's scaling factor gives its trained latents about unit variance; the random tiny VAE's raw latents have an RMS
 # near 0.2, so its factor is 4 (the same role, so latent-norm side information stays in its usual range).
 TINY_VAE: dict[str, Any] = dict(
-    SD21_VAE, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=4.0
+    SD21_VAE, block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=4.0
 )
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {

@@ -195,7 +195,10 @@ class EvalOptions:
     metrics: list[str] | None = option(None, help="metric names (null = every metric whose weights are present)")
     skip_missing_metrics: bool = option(False, help="skip a metric whose weights are missing instead of stopping")
     runtime: RuntimeOptions = option(default_factory=RuntimeOptions)
+    model_zoo: str | None = option(None, help="SD zoo folder (null = the one the exported model names)")
     latent_norms: str | None = option(None, choices=(None, "transmit", "none", "oracle"), help="override the model's")
+    anchors: str | None = option("options/anchors_published.json", help="published RD points to draw (or null)")
+    bd_anchor: str | None = option(None, help="method name in the anchors file to compute BD-rates against")
 
     def check(self) -> tuple[str, str] | None:
         if not self.datasets:

@@ -1,0 +1,63 @@
+"""Evaluate an exported OSCAR model on image folders, through real files, at every level.
+
+    python test.py --opt options/test.json --set model_dir=runs/oscar/final --set datasets='["datasets/kodak"]'
+    bash scripts/test.sh [options.json] [--set ...]
+
+For each level, every image is compressed to a .oscar file, read back and decompressed (the real path, no
+shortcut); rates come from the file sizes. Writes per-image and per-level CSV/JSON, reconstructions (PNG),
+rate-distortion plots and BD-rates under <output_root>/<name>/ (see utils/evaluation.py), and prints the
+per-level table. Metrics whose weights are missing under TORCH_HOME stop the run before any work, naming the
+file and folder, unless skip_missing_metrics is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from utils.device import resolve_device
+from utils.errors import exit_on_user_error
+from utils.evaluation import evaluate, format_table
+from utils.metrics import METRICS, MetricSuite
+from utils.option_schemas import EvalOptions
+from utils.options import add_option_arguments, options_from_args, save_options
+
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_option_arguments(parser, default_opt="options/test.json")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    options = options_from_args(EvalOptions, args)
+    device = resolve_device(options.runtime.device)
+    # Metric weights are checked first: a missing file stops the run before the model is even loaded.
+    suite = MetricSuite(options.metrics, device=device, skip_missing=options.skip_missing_metrics)
+    from models.oscar import OSCARModel
+
+    overrides = {"latent_norms": options.latent_norms} if options.latent_norms else None
+    model = OSCARModel.from_pretrained(options.model_dir, zoo_path=options.model_zoo, device=device, overrides=overrides)
+    anchors = options.anchors
+    if anchors and not Path(anchors).is_file() and (REPO_ROOT / anchors).is_file():
+        anchors = str(REPO_ROOT / anchors)  # the shipped file, when run from another folder
+    out_dir = Path(options.output_root) / options.name
+    save_options(options, out_dir / "options.json")
+    summary = evaluate(
+        model, options.datasets, out_dir, suite, levels=options.levels, anchors_path=anchors, bd_anchor=options.bd_anchor
+    )
+    shown = [n for n in suite.names if METRICS[n].kind != "dataset"] + list(suite.dataset_names)
+    print(format_table(summary, shown))
+    print(f"results in {out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    main()
