@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -96,9 +97,23 @@ class OSCARModel(nn.Module):
         cross_dim = self.unet.config.cross_attention_dim
         self.prompt_embedding = nn.Parameter(torch.randn(PROMPT_TOKENS, cross_dim) * 0.02)
         self.register_buffer("timesteps", torch.tensor(config.timesteps, dtype=torch.long), persistent=False)
-        # Usage counts of each codebook entry per level: the static prior of the entropy coder.
-        self.index_counts: list[torch.Tensor] = [torch.zeros(p.codebook_size, dtype=torch.int64) for p in self.rate_points]
         self._fingerprint: int | None = None
+        self._index_counts = [torch.zeros(p.codebook_size, dtype=torch.int64) for p in self.rate_points]
+
+    @property
+    def index_counts(self) -> list[torch.Tensor]:
+        """Usage counts of each codebook entry per level: the entropy coder's static prior (zeros = uniform)."""
+        return self._index_counts
+
+    @index_counts.setter
+    def index_counts(self, counts: list[torch.Tensor]) -> None:
+        if len(counts) != self.num_levels:
+            raise ValueError(f"expected index counts for {self.num_levels} levels, got {len(counts)}")
+        for level, (c, point) in enumerate(zip(counts, self.rate_points)):
+            if tuple(c.shape) != (point.codebook_size,):
+                raise ValueError(f"index counts of level {level}: shape {tuple(c.shape)}, expected ({point.codebook_size},)")
+        self._index_counts = [c.detach().cpu().to(torch.int64) for c in counts]
+        self._fingerprint = None  # files written with other priors must not be read with these
 
     # ------------------------------------------------------------------------------------------ geometry
 
@@ -348,6 +363,15 @@ class OSCARModel(nn.Module):
         except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(f"{model_dir}: exported model cannot be loaded ({message})") from None
+        # The identity is taken from the stored fp32 weights, before any cast: the same export loaded in another
+        # precision reads the same files.
+        stored = config.get("fingerprint")
+        if stored and model.fingerprint() != int(stored, 16) and not overrides:
+            warnings.warn(
+                f"{model_dir}: fingerprint {model.fingerprint():016x} differs from the exported {stored} (another "
+                f"model zoo than at export?); files written with the exported model will be refused",
+                stacklevel=2,
+            )
         return model.to(device=device, dtype=dtype).eval()
 
     def to(self, *args: Any, **kwargs: Any) -> "OSCARModel":  # type: ignore[override]

@@ -1,0 +1,94 @@
+"""Compress images to .oscar files with an exported OSCAR model.
+
+    python compress.py --model runs/oscar INPUT... -o OUT_DIR [--level N | --bpp X | --max-bytes N]
+
+INPUT: image files (PNG, JPEG, BMP, WebP, TIFF, PPM) or folders of them (``--recursive`` for subfolders;
+output paths then mirror them). Each image becomes ``OUT_DIR/<stem>.oscar``, written atomically. Rate:
+``--level`` picks a level, ``--bpp`` the highest-rate level whose nominal rate (indices only) is at most X for
+the image's size, ``--max-bytes`` the highest-rate level whose actual file fits; default the highest-rate
+level. A failing image is reported as ``error: FILE: problem`` and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tqdm import tqdm
+
+from utils.codec import FILE_SUFFIX, compress, level_for_bpp, level_for_max_bytes, levels_by_rate, load_model
+from utils.errors import UserError, exit_on_user_error
+from utils.image_io import describe_file_error, list_images, load_image, output_paths, write_atomic
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the .oscar files")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--level", type=int, metavar="N", help="rate level index (0 = lowest rate)")
+    rate.add_argument("--bpp", type=float, metavar="X", help="target nominal bits per pixel")
+    rate.add_argument("--max-bytes", type=int, metavar="N", help="largest file size in bytes")
+    parser.add_argument("-r", "--recursive", action="store_true", help="also compress images in subfolders")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.bpp is not None and not args.bpp > 0:
+        raise UserError(f"--bpp {args.bpp}: expected a positive bit rate")
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UserError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
+    inputs = list_images(args.inputs, recursive=args.recursive)
+    targets = output_paths(inputs, args.out, FILE_SUFFIX)
+    model = load_model(args.model, args.zoo, args.device)
+    if args.level is not None and not 0 <= args.level < model.num_levels:
+        raise UserError(f"--level {args.level}: this model has levels 0..{model.num_levels - 1}")
+
+    failures, total_bytes, total_pixels = 0, 0, 0
+    start = time.perf_counter()
+    for item, target in zip(tqdm(inputs, desc="compressing", unit="image", disable=None), targets):
+        try:
+            image, info = load_image(item.path)
+            height, width = info.height, info.width
+            if args.max_bytes is not None:
+                level, data = level_for_max_bytes(model, image, args.max_bytes)
+            else:
+                if args.bpp is not None:
+                    level = level_for_bpp(model, height, width, args.bpp)
+                elif args.level is not None:
+                    level = args.level
+                else:
+                    level = levels_by_rate(model, height, width)[0]
+                data = compress(model, image, level)
+            write_atomic(target, data)
+        except (UserError, OSError) as err:  # OSError: the output cannot be written
+            failures += 1
+            tqdm.write(f"error: {describe_file_error(item.path, err)}", file=sys.stderr)
+            continue
+        total_bytes += len(data)
+        total_pixels += height * width
+        notes = f"  [{'; '.join(info.notes)}]" if info.notes else ""
+        tqdm.write(
+            f"{item.relative}  {width}x{height}  level {level}  {len(data)} bytes  "
+            f"{8 * len(data) / (height * width):.4f} bpp (nominal {model.nominal_bpp(level, height, width):.4f}){notes}"
+        )
+    done = len(inputs) - failures
+    if done:
+        print(
+            f"compressed {done} image(s) to {args.out}: {total_bytes} bytes, "
+            f"{8 * total_bytes / total_pixels:.4f} bpp overall, {time.perf_counter() - start:.1f} s"
+        )
+    if failures:
+        print(f"error: {failures} of {len(inputs)} image(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
