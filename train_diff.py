@@ -49,14 +49,13 @@ from utils.training import (
     derived_generator,
     enable_gradient_checkpointing,
     epochs_for,
-    init_trackers,
     log_training_summary,
     make_accelerator,
     optimizer_step,
     register_checkpoint_modules,
     resolve_resume,
     run_training_loop,
-    write_run_options,
+    start_or_resume,
 )
 from utils.weights import check_weights
 
@@ -220,12 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
     register_checkpoint_modules(accelerator, modules)
     checkpoints = CheckpointManager(accelerator, run.checkpoints, options.train.checkpoints_total_limit)
 
-    state = TrainState()
-    if resume_from is not None:
-        state = checkpoints.load(resume_from)
-        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
-    write_run_options(accelerator, options, run)
-    init_trackers(accelerator, run.root.name, options, resume_step=state.step)
+    state = start_or_resume(accelerator, run, options, checkpoints, resume_from)
 
     global_batch = data.batch_size * accelerator.num_processes
     batches = ResumableBatches(loader, state, global_batch, sampler=raw_loader.sampler)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lora import add_oscar_lora
+from models.state_dicts import state_dict_mismatch
 
 DEFAULT_TIMESTEP_RANGE = (20, 980)
 MAX_NORM_GROUPS = 32
@@ -194,17 +195,9 @@ class LatentDiscriminator(nn.Module):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`trainable_state` wrote; every key must be present with its shape, and no other."""
         expected = self.trainable_state()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-            raise ValueError(
-                f"discriminator state does not match this model ({what}; {len(missing)} missing, "
-                f"{len(unexpected)} unexpected)"
-            )
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(f"discriminator state {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+        problem = state_dict_mismatch(expected, state)
+        if problem:
+            raise ValueError(f"discriminator state does not match this model ({problem})")
         with torch.no_grad():
             for key, value in state.items():
                 expected[key].copy_(value)  # the detached tensors share storage with the parameters

@@ -36,6 +36,7 @@ from models.hyper_encoder import HyperEncoder
 from models.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
 from models.lora import add_oscar_lora, trainable_unet_state
 from models.rate_table import RatePoint, rate_point
+from models.state_dicts import state_dict_mismatch
 from utils.errors import UserError
 from utils.model_zoo import SDComponents, load_sd_components
 from utils.option_schemas import ModelOptions
@@ -404,17 +405,9 @@ def read_export_config(model_dir: Path) -> dict[str, Any]:
 
 def load_unet_trainable(unet: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load LoRA + conv_in tensors into a UNet that has OSCAR's adapters; every expected key must be present."""
-    expected = trainable_unet_state(unet)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ModelLoadError(
-            f"{source}: UNet weights do not match this model ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ModelLoadError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    problem = state_dict_mismatch(trainable_unet_state(unet), state)
+    if problem:
+        raise ModelLoadError(f"{source}: UNet weights do not match this model ({problem})")
     unet.load_state_dict(state, strict=False)
 
 

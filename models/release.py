@@ -19,6 +19,7 @@ import torch
 
 from models.lora import ADAPTER_GROUPS
 from models.oscar import ModelLoadError, OSCARModel, load_unet_trainable
+from models.state_dicts import state_dict_mismatch
 from utils.model_zoo import SDComponents
 from utils.option_schemas import ModelOptions
 
@@ -92,21 +93,15 @@ def copy_release_into(model: OSCARModel, ckpt: dict[str, Any], source: str) -> N
                 f"{source}: unet_lora_{group}_modules ({len(listed)} modules) differs from this UNet's "
                 f"{len(model.lora_groups.get(group, []))} {group} modules; is the model zoo SD-2.1?"
             )
-    he_state = ckpt["hyper_encoders"]
     own = model.hyper_encoders.state_dict()
-    missing = sorted(set(own) - set(he_state))
-    unexpected = sorted(set(he_state) - set(own))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ModelLoadError(f"{source}: hyper_encoders do not match the release layout ({what})")
-    converted = {}
-    for key, value in he_state.items():
-        target = own[key]
-        if key.endswith("_codebook.initted"):  # (1,) float in older library versions, () bool in newer
-            value = value.reshape(target.shape).to(target.dtype)
-        if tuple(value.shape) != tuple(target.shape):
-            raise ModelLoadError(f"{source}: hyper_encoders.{key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        converted[key] = value
+    # `initted` is a (1,) float in files of older vector-quantize-pytorch versions and a 0-d bool in newer ones.
+    converted = {
+        key: value.reshape(own[key].shape).to(own[key].dtype) if key.endswith("_codebook.initted") and key in own else value
+        for key, value in ckpt["hyper_encoders"].items()
+    }
+    problem = state_dict_mismatch(own, converted)
+    if problem:
+        raise ModelLoadError(f"{source}: hyper_encoders do not match the release layout ({problem})")
     model.hyper_encoders.load_state_dict(converted)
     load_unet_trainable(model.unet, ckpt["state_dict_unet"], f"{source}: state_dict_unet")
     embeddings = ckpt["embeddings"]

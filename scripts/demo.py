@@ -44,8 +44,8 @@ def sets(values: dict) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (replaced)")
-    parser.add_argument("--stage1-steps", type=int, default=150, help="steps per hyper-encoder")
-    parser.add_argument("--stage2-steps", type=int, default=120)
+    parser.add_argument("--stage1-steps", type=int, default=100, help="steps per hyper-encoder")
+    parser.add_argument("--stage2-steps", type=int, default=100)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
 

@@ -17,12 +17,5 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
   shift
 fi
 
-NUM_GPUS="${NUM_GPUS:-1}"
-if [[ "${ACCELERATE:-0}" == 1 || "$NUM_GPUS" -gt 1 ]]; then
-  LAUNCH=(accelerate launch --num_processes "$NUM_GPUS")
-  if [[ "$NUM_GPUS" -gt 1 ]]; then LAUNCH+=(--multi_gpu); fi
-  if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then LAUNCH+=(--main_process_port "$MAIN_PROCESS_PORT"); fi
-else
-  LAUNCH=(python)
-fi
+source "$ROOT/scripts/launcher.sh"
 exec "${LAUNCH[@]}" "$ROOT/train_diff.py" --opt "$OPT" "$@"

@@ -839,6 +839,19 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def start_or_resume(
+    accelerator: Any, run: RunDir, options: Any, checkpoints: CheckpointManager, resume_from: Path | None
+) -> TrainState:
+    """Restore ``resume_from`` (if any), write the resolved options and start the trackers; the state to start from."""
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpoints.load(resume_from)
+        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
+    write_run_options(accelerator, options, run)
+    init_trackers(accelerator, run.root.name, options, resume_step=state.step)
+    return state
+
+
 def log_training_summary(
     accelerator: Any,
     *,
