@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list:
         return sd.vae.encode(x.to(device)).latent_dist.mean * sd.vae.config.scaling_factor
 
     points = [rate_point(b) for b in options.model.levels]
-    stream = tqdm((item.image for item in images), total=len(images), desc="measuring", unit="img")
+    stream = tqdm((item.image[None] for item in images), total=len(images), desc="measuring", unit="img")
     fits = measure_levels(image_to_latent, encoders, points, stream, sd.scheduler.alphas_cumprod)
     options.model.timesteps = [fit.timestep(args.method) for fit in fits]
     out = save_options(options, args.out_opt)
