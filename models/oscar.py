@@ -99,6 +99,7 @@ class OSCARModel(nn.Module):
         self.prompt_embedding = nn.Parameter(torch.randn(PROMPT_TOKENS, cross_dim) * 0.02)
         self.register_buffer("timesteps", torch.tensor(config.timesteps, dtype=torch.long), persistent=False)
         self._fingerprint: int | None = None
+        self._fingerprint_frozen = False
         self._index_counts = [torch.zeros(p.codebook_size, dtype=torch.int64) for p in self.rate_points]
 
     @property
@@ -114,7 +115,7 @@ class OSCARModel(nn.Module):
             if tuple(c.shape) != (point.codebook_size,):
                 raise ValueError(f"index counts of level {level}: shape {tuple(c.shape)}, expected ({point.codebook_size},)")
         self._index_counts = [c.detach().cpu().to(torch.int64) for c in counts]
-        self._fingerprint = None  # files written with other priors must not be read with these
+        self.invalidate_fingerprint()  # files written with other priors must not be read with these
 
     # ------------------------------------------------------------------------------------------ geometry
 
@@ -164,12 +165,14 @@ class OSCARModel(nn.Module):
     def image_to_latent(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latent of ``x`` in [-1, 1]; the posterior mean unless ``sample`` (stage 1 of the reference)."""
         with self._vae_tiling(x.shape[-2] * x.shape[-1]):
-            dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+            # Each half of the VAE may have its own precision (fast inference can convert the decoder alone).
+            dist = self.vae.encode(x.to(self.vae.encoder.conv_in.weight.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
         return z * self.vae.config.scaling_factor
 
     def latent_to_image(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.vae.dtype) / self.vae.config.scaling_factor
+        first = self.vae.post_quant_conv if self.vae.post_quant_conv is not None else self.vae.decoder.conv_in
+        z = z.to(first.weight.dtype) / self.vae.config.scaling_factor
         with self._vae_tiling(z.shape[-2] * z.shape[-1] * 64):
             x = self.vae.decode(z).sample
         return x.clamp(-1.0, 1.0)
@@ -299,7 +302,22 @@ class OSCARModel(nn.Module):
 
     def invalidate_fingerprint(self) -> None:
         """Call after changing weights (training) so the next file gets the new identity."""
+        if self._fingerprint_frozen:
+            raise RuntimeError(
+                "the fingerprint is frozen (the model was converted for inference): change weights or index priors "
+                "on the fp32 model, then convert it"
+            )
         self._fingerprint = None
+
+    def freeze_fingerprint(self) -> int:
+        """Compute the fingerprint now and keep it through later conversions (LoRA merge, casts).
+
+        A model converted for fast inference must read and write the same files as the fp32 model it came
+        from, although its tensors (and so their hash) differ; any later change of identity raises instead.
+        """
+        value = self.fingerprint()
+        self._fingerprint_frozen = True
+        return value
 
     # ------------------------------------------------------------------------------------ export format
 

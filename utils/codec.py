@@ -34,16 +34,15 @@ _INFO_CACHE: weakref.WeakKeyDictionary[OSCARModel, CodecInfo] = weakref.WeakKeyD
 def codec_info(model: OSCARModel) -> CodecInfo:
     """What the file format needs from ``model``: fingerprint, level geometry, priors, side-information layout.
 
-    Cached per model. The fingerprint is recomputed on first use and whenever ``index_counts`` differ from the
-    cached priors, even if :meth:`OSCARModel.invalidate_fingerprint` was not called: a file must never carry
-    the identity of other priors than it was coded with.
+    Cached per model and rebuilt when the fingerprint or the priors change (assigning ``model.index_counts``
+    resets the fingerprint): a file must never carry the identity of other priors than it was coded with.
     """
     cached = _INFO_CACHE.get(model)
-    if cached is not None and _same_counts(cached.priors, model.index_counts):
-        if cached.fingerprint == model.fingerprint():
+    if cached is not None:
+        if not _same_counts(cached.priors, model.index_counts):
+            model.invalidate_fingerprint()  # counts edited in place (assigning the list resets it already)
+        elif cached.fingerprint == model.fingerprint():
             return cached
-    else:
-        model.invalidate_fingerprint()  # first use, or new priors: a cached fingerprint may predate them
     if len(model.index_counts) != model.num_levels:
         raise CodecError(f"model has {len(model.index_counts)} index priors for {model.num_levels} levels")
     priors = []
