@@ -2,8 +2,9 @@
 
     bash scripts/demo.sh            # = set-up (if needed) + python -m scripts.demo (from the repository root)
 
-1. writes a tiny Stable-Diffusion-shaped model zoo with random weights (no download);
-2. generates training, validation and sample images (nothing is read from outside the repository);
+1. generates training, validation and sample images (nothing is read from outside the repository);
+2. writes a tiny Stable-Diffusion-shaped model zoo (no download) whose VAE is fitted briefly on those images as a
+   stand-in for SD's trained VAE (a random VAE cannot reconstruct anything); the UNet stays random;
 3. stage 1: trains the eight hyper-encoders briefly (train_hyper_enc.py);
 4. fits each level's pseudo timestep from the measured latent distortion (scripts/fit_timesteps.py);
 5. stage 2: trains the LoRA UNet, prompt and hyper-encoders for all levels briefly (train_diff.py), with L1, latent
@@ -23,12 +24,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 import test as evaluate_entry
 import train_diff
 import train_hyper_enc
 from models.rate_table import DEFAULT_LEVEL_BPPS
 from scripts import fit_timesteps
-from utils.data import write_synthetic_images
+from utils.data import ImageFolderDataset, write_synthetic_images
 from utils.model_zoo import write_model_zoo
 
 HYPER = {"channels": 32, "hyper_dim": 64, "codebook_dim": 16}
@@ -44,8 +47,9 @@ def sets(values: dict) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (replaced)")
-    parser.add_argument("--stage1-steps", type=int, default=100, help="steps per hyper-encoder")
-    parser.add_argument("--stage2-steps", type=int, default=100)
+    parser.add_argument("--vae-steps", type=int, default=300, help="steps fitting the tiny VAE (a stand-in for SD's)")
+    parser.add_argument("--stage1-steps", type=int, default=150, help="steps per hyper-encoder")
+    parser.add_argument("--stage2-steps", type=int, default=300)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
 
@@ -60,13 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
-    banner("1/6 tiny model zoo (random weights, same classes as SD-2.1)")
-    zoo = write_model_zoo("tiny", out / "zoo", seed=0)
-    banner("2/6 generated images")
+    banner("1/6 generated images")
     data = out / "data"
     write_synthetic_images(data / "train", count=32, size=(160, 128), seed=0)
     write_synthetic_images(data / "val", count=4, size=(128, 96), seed=1)
     write_synthetic_images(data / "samples", count=4, size=(256, 192), seed=2)
+    banner(f"2/6 tiny model zoo (same classes as SD-2.1; its VAE fitted for {args.vae_steps} steps, the rest random)")
+    crops = ImageFolderDataset([str(data / "train")], 64, seed=0)
+    zoo = write_model_zoo(
+        "tiny", out / "zoo", seed=0, fit_vae_images=torch.stack([crops[i % len(crops)] for i in range(128)]),
+        fit_vae_steps=args.vae_steps,
+    )
     common = {"model_zoo.path": str(zoo), "runtime.device": args.device}
 
     banner(f"3/6 stage 1: eight hyper-encoders, {args.stage1_steps} steps each")
@@ -121,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"\nDemo finished in {minutes:.1f} min. Fitted timesteps: {[f.timestep_cosine for f in fits]}.\n"
         f"Exported model: {run / 'final'} (use it with compress.py, decompress.py and test.py);\n"
         f"results: {out / 'test'} (per_image.csv, summary.csv, plots_samples/rd_*.png).\n"
-        "This was a TINY random-initialised model trained for a few steps on generated images: its numbers say\n"
-        "nothing about OSCAR's quality. For the real pipeline, put Stable Diffusion 2.1 in\n"
+        "This was a TINY model (random UNet, briefly fitted VAE) trained for minutes on generated images:\n"
+        "its numbers say nothing about OSCAR's quality. For the real pipeline, put Stable Diffusion 2.1 in\n"
         "model_zoo/stable-diffusion-2-1 (see README, 'Model zoo') and run scripts/train_hyper_enc.sh,\n"
         "scripts/fit_timesteps.py, scripts/train.sh and scripts/test.sh with the shipped option files."
     )

@@ -90,14 +90,19 @@ def test_missing_metric_weights_stop_before_work(tmp_path, export, images, capsy
 
 
 def test_stand_in_weights_and_anchor_bd_rate(tmp_path, export, images):
+    import shutil
+
     home = tmp_path / "home"
     write_stand_in_weights(home, ["lpips-vgg", "dists"])
+    kodak = tmp_path / "kodak"  # published anchors are matched to datasets by folder name
+    shutil.copytree(images / "setA", kodak)
     with torch_home(home):
         summary = run(tmp_path, export, images, "--set", 'metrics=["psnr", "lpips_vgg", "dists"]',
-                      "--set", "bd_anchor=\"StableCodec\"")
+                      "--set", "bd_anchor=\"StableCodec\"", "--set", f"datasets={json.dumps([str(kodak)])}")
     row = summary["levels"][0]
     assert 0 <= row["lpips_vgg"] and 0 <= row["dists"]
-    assert "bd_rate" in summary
+    assert "psnr" in summary["bd_rate"]["kodak"] and "dists" in summary["bd_rate"]["kodak"]
+    assert (tmp_path / "eval" / "bd_rate.json").is_file()
 
 
 def test_oracle_norms_are_labelled(tmp_path, export, images):

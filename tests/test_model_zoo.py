@@ -71,3 +71,21 @@ def test_make_model_zoo_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (out / "unet" / "config.json").is_file() and (out / "scheduler" / "scheduler_config.json").is_file()
     load_sd_components(out)
+
+
+def test_fit_vae_lowers_reconstruction_error_and_sets_scaling_factor():
+    from utils.model_zoo import fit_vae
+
+    parts = build_sd_components("tiny", seed=0)
+    x = torch.linspace(-1, 1, 64).repeat(3, 64, 1)[None].repeat(4, 1, 1, 1)  # smooth ramps
+    x = x * torch.tensor([1.0, -0.5, 0.2])[None, :, None, None]
+
+    def l1() -> float:
+        with torch.no_grad():
+            return float((parts.vae.decode(parts.vae.encode(x).latent_dist.mean).sample - x).abs().mean())
+
+    before = l1()
+    result = fit_vae(parts.vae, x, steps=40, seed=0)
+    assert l1() < before
+    assert parts.vae.config.scaling_factor == pytest.approx(result["scaling_factor"]) != 4.0
+    assert not any(p.requires_grad for p in parts.vae.parameters())

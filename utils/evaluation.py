@@ -150,12 +150,15 @@ def evaluate(
         curve = [s for s in summary["levels"] if s["dataset"] == dataset]
         if not curve:
             continue
-        dataset_anchors = [a for a in anchors if a.dataset.lower() == dataset.lower()] or anchors
+        # Published points are drawn only on the dataset they were measured on (matched by folder name).
+        dataset_anchors = [a for a in anchors if a.dataset.lower() == dataset.lower()]
         legend = "this work (oracle norms: leaks side info)" if leak else "this work (actual bpp)"
         curve_records = [{"bpp": s["actual_bpp"], **{m: s.get(m, math.nan) for m in all_metrics}} for s in curve]
         plot_rd_curves({legend: curve_records}, all_metrics, out_dir / f"plots_{dataset}", dataset_anchors, title=dataset)
-        if bd_anchor:
+        if bd_anchor and any(a.method == bd_anchor for a in dataset_anchors):
             summary.setdefault("bd_rate", {})[dataset] = _bd_rates(curve_records, dataset_anchors, bd_anchor, all_metrics)
+        elif bd_anchor:
+            log.warning("no published %s points for dataset %r: no BD-rate", bd_anchor, dataset)
     if "bd_rate" in summary:
         (out_dir / "bd_rate.json").write_text(json.dumps(summary["bd_rate"], indent=2) + "\n")
     return summary

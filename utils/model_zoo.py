@@ -174,16 +174,24 @@ def build_sd_components(preset: str, seed: int = 0) -> SDComponents:
     return SDComponents(unet=unet, vae=vae, scheduler=scheduler, path=Path())
 
 
-def write_model_zoo(preset: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a diffusers-layout zoo folder with random weights for ``preset`` (``tiny`` or ``sd21``)."""
+def write_model_zoo(
+    preset: str, out: str | os.PathLike[str], seed: int = 0, fit_vae_images: torch.Tensor | None = None, fit_vae_steps: int = 0
+) -> Path:
+    """Write a diffusers-layout zoo folder with random weights for ``preset`` (``tiny`` or ``sd21``).
+
+    With ``fit_vae_images`` and ``fit_vae_steps``, the VAE is first trained briefly on those images
+    (:func:`fit_vae`), so that the tiny pipeline reconstructs images at all.
+    """
     out = Path(out)
     parts = build_sd_components(preset, seed)
+    vae_fit = fit_vae(parts.vae, fit_vae_images, fit_vae_steps, seed) if fit_vae_images is not None and fit_vae_steps else None
     out.mkdir(parents=True, exist_ok=True)
     parts.unet.save_pretrained(out / "unet", safe_serialization=True)
     parts.vae.save_pretrained(out / "vae", safe_serialization=True)
     parts.scheduler.save_pretrained(out / "scheduler")
-    info = {"preset": preset, "seed": seed, "random_weights": True,
-            "note": "random weights written by scripts/make_model_zoo.py; not Stable Diffusion's trained weights"}
+    info = {"preset": preset, "seed": seed, "random_weights": vae_fit is None, "vae_fitted": vae_fit,
+            "note": "written by scripts/make_model_zoo.py: random weights (the VAE briefly fitted when vae_fitted is "
+                    "set); not Stable Diffusion's trained weights"}
     (out / ZOO_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -192,3 +200,32 @@ def zoo_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The marker written by :func:`write_model_zoo` (None for a real SD-2.1 download)."""
     info = Path(path) / ZOO_INFO_FILE
     return json.loads(info.read_text()) if info.is_file() else None
+
+
+def fit_vae(vae: Any, images: torch.Tensor, steps: int, seed: int = 0, lr: float = 2e-3) -> dict[str, float]:
+    """Briefly train a random-weight VAE as an autoencoder, as a stand-in for Stable Diffusion's trained one.
+
+    With random weights the VAE decoder cannot reconstruct anything, so a pipeline built on the tiny zoo would
+    show noise at every rate. A few hundred steps of L1 reconstruction (with a small KL term that keeps the
+    latents bounded) on ``images`` ((N, 3, H, W) in [-1, 1]) give a usable tiny autoencoder. Afterwards the
+    scaling factor is set, as SD's was, so that the scaled latents of these images have unit variance.
+    Returns the final L1 loss and the new scaling factor. For the demo and tests only: real runs use SD-2.1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    loss_value = float("nan")
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (min(8, len(images)),), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.mean).sample
+        loss = (recon - batch).abs().mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 8]).latent_dist.mean for i in range(0, len(images), 8)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return {"l1": loss_value, "scaling_factor": float(vae.config.scaling_factor)}
