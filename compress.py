@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-r", "--recursive", action="store_true", help="also compress images in subfolders")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="UNet and VAE-decoder precision of the fast path (bf16/fp16: faster on GPUs, within ~40 dB of fp32)",
+    )
+    parser.add_argument("--no-fast", action="store_true", help="the plain reference path (no LoRA merge, no SDPA)")
     return parser.parse_args(argv)
 
 
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
     inputs = list_images(args.inputs, recursive=args.recursive)
     targets = output_paths(inputs, args.out, FILE_SUFFIX)
-    model = load_model(args.model, args.zoo, args.device)
+    model = load_model(args.model, args.zoo, args.device, fast=not args.no_fast, precision=args.precision)
     if args.level is not None and not 0 <= args.level < model.num_levels:
         raise UserError(f"--level {args.level}: this model has levels 0..{model.num_levels - 1}")
 

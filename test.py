@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     overrides = {"latent_norms": options.latent_norms} if options.latent_norms else None
     model = OSCARModel.from_pretrained(options.model_dir, zoo_path=options.model_zoo, device=device, overrides=overrides)
+    if options.fast_inference:
+        from models.fast_inference import prepare_for_inference
+
+        prepare_for_inference(model, options.runtime.precision, fast_encoder=False)
     anchors = options.anchors
     if anchors and not Path(anchors).is_file() and (REPO_ROOT / anchors).is_file():
         anchors = str(REPO_ROOT / anchors)  # the shipped file, when run from another folder

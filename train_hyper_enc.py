@@ -26,6 +26,7 @@ import torch
 from models.hyper_encoder import HyperEncoder
 from models.losses import latent_cosine_loss
 from models.rate_table import LATENT_FACTOR, RatePoint, rate_point
+from utils.atomic import atomic_directory
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
 from utils.errors import OptionsError, exit_on_user_error
@@ -38,7 +39,6 @@ from utils.training import (
     ResumableBatches,
     RunDir,
     TrainState,
-    atomic_directory,
     build_lr_scheduler,
     build_optimizer,
     count_parameters,

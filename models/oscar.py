@@ -37,6 +37,7 @@ from models.latent_norms import channel_rms, dequantize_rms, quantize_rms, resca
 from models.lora import add_oscar_lora, trainable_unet_state
 from models.rate_table import RatePoint, rate_point
 from models.state_dicts import state_dict_mismatch
+from utils.atomic import atomic_directory
 from utils.errors import UserError
 from utils.model_zoo import SDComponents, load_sd_components
 from utils.option_schemas import ModelOptions
@@ -324,30 +325,21 @@ class OSCARModel(nn.Module):
     def save_pretrained(self, out_dir: str | os.PathLike[str], zoo_path: str | None = None) -> Path:
         """Write the exported model: options + safetensors, loadable by :meth:`from_pretrained`."""
         out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for i, encoder in enumerate(self.hyper_encoders):
-            encoder.save_pretrained(tmp / "hyper_encoders" / f"level_{i}", safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_unet_state(self.unet).items()}, tmp / UNET_FILE)
-        save_file({"prompt_embedding": self.prompt_embedding.detach().cpu().contiguous()}, tmp / PROMPT_FILE)
-        save_file({f"level_{i}": c.cpu().contiguous() for i, c in enumerate(self.index_counts)}, tmp / PRIORS_FILE)
-        config = {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "model": options_to_dict(self.config),
-            "model_zoo": str(zoo_path if zoo_path is not None else self.zoo_path),
-            "fingerprint": f"{self.fingerprint():016x}",
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_directory(out) as tmp:  # an existing export is replaced only once the new one is complete
+            for i, encoder in enumerate(self.hyper_encoders):
+                encoder.save_pretrained(tmp / "hyper_encoders" / f"level_{i}", safe_serialization=True)
+            unet_state = {k: v.detach().cpu().contiguous() for k, v in trainable_unet_state(self.unet).items()}
+            save_file(unet_state, tmp / UNET_FILE)
+            save_file({"prompt_embedding": self.prompt_embedding.detach().cpu().contiguous()}, tmp / PROMPT_FILE)
+            save_file({f"level_{i}": c.cpu().contiguous() for i, c in enumerate(self.index_counts)}, tmp / PRIORS_FILE)
+            config = {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
+                "model": options_to_dict(self.config),
+                "model_zoo": str(zoo_path if zoo_path is not None else self.zoo_path),
+                "fingerprint": f"{self.fingerprint():016x}",
+            }
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return out
 
     @classmethod

@@ -24,11 +24,13 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "set-up: creating virtual environment $venv"
     "$python" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --upgrade pip
+# Some machines' pip configuration lists extra local indexes that lack most packages; pip warns once per package.
+quiet_pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" >&2); }
+quiet_pip install --quiet --upgrade pip
 echo "set-up: installing pinned packages (first run takes a few minutes)"
-"$venv/bin/python" -m pip install --quiet -r "$root/requirements.txt"
+quiet_pip install --quiet -r "$root/requirements.txt"
 # This checkout itself, editable: `models` and `utils` then import from scripts/ and tests alike.
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
+quiet_pip install --quiet --no-deps --no-build-isolation -e "$root" > /dev/null
 # Fail here, not in the first experiment, if torch and torchvision do not match.
 "$venv/bin/python" -c "import torch, torchvision, diffusers, peft, compressai, pyiqa, lpips; \
 torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); \

@@ -104,15 +104,24 @@ def decompress(model: OSCARModel, data: bytes) -> torch.Tensor:
 
 
 def load_model(
-    model_dir: str | os.PathLike[str], zoo: str | os.PathLike[str] | None = None, device: str = "auto"
+    model_dir: str | os.PathLike[str],
+    zoo: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    fast: bool = False,
+    precision: str = "fp32",
 ) -> OSCARModel:
-    """An exported model ready for files: fp32 on ``device`` (auto: CUDA when present), checked for file use.
+    """An exported model ready for files on ``device`` (auto: CUDA when present), checked for file use.
 
-    fp32 because the fingerprint is computed from the loaded weights: the same export loaded in another
-    precision gets another fingerprint and could not read files written in fp32.
+    It is loaded in fp32 (the file identity is computed from the stored fp32 weights). ``fast`` converts it with
+    :func:`models.fast_inference.prepare_for_inference` (LoRA merged, channels_last, SDPA; VAE decoder and UNet
+    in ``precision``), keeping the encoder exact so files are the same as the reference path's.
     """
     model = OSCARModel.from_pretrained(model_dir, zoo_path=zoo, device=resolve_device(device))
     _check_file_mode(model)
+    if fast:
+        from models.fast_inference import prepare_for_inference
+
+        prepare_for_inference(model, precision, fast_encoder=False)
     return model
 
 

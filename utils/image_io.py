@@ -9,10 +9,8 @@ folder and renamed into place, so an interrupted or failed run never leaves a pa
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -24,6 +22,7 @@ from PIL import Image
 
 from utils.data import DEFAULT_EXTENSIONS
 from utils.data import load_image as _load_unit_image
+from utils.atomic import write_atomic
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -110,31 +109,6 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(to_uint8(image), "RGB").save(buffer, format="PNG")
     return write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place (same filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes the file private; use the usual mode
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def list_files(

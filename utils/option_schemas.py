@@ -197,6 +197,7 @@ class EvalOptions:
     runtime: RuntimeOptions = option(default_factory=RuntimeOptions)
     model_zoo: str | None = option(None, help="SD zoo folder (null = the one the exported model names)")
     latent_norms: str | None = option(None, choices=(None, "transmit", "none", "oracle"), help="override the model's")
+    fast_inference: bool = option(True, help="merged LoRA, SDPA, channels_last; runtime.precision for UNet/VAE decoder")
     anchors: str | None = option("options/anchors_published.json", help="published RD points to draw (or null)")
     bd_anchor: str | None = option(None, help="method name in the anchors file to compute BD-rates against")
 

@@ -28,7 +28,6 @@ checkpoints and stops. See train_hyper_enc.py for a complete, short example.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -49,13 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.atomic import TMP_SUFFIX, replace_directory
 from utils.data import DatasetError
 from utils.errors import OptionsError, UserError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-TMP_SUFFIX = ".tmp"
 STATE_FILE = "training_state.json"
 STATE_FORMAT = 1
 PLAIN_WEIGHTS_NAME = "model.safetensors"  # modules that are not diffusers ModelMixins
@@ -181,36 +180,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def replace_directory(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Move the finished folder ``src`` to ``dest``, replacing it; ``dest`` is never seen half written."""
-    src, dest = Path(src), Path(dest)
-    old = dest.with_name(dest.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old.exists():
-        shutil.rmtree(old)
-    return dest
-
-
-@contextlib.contextmanager
-def atomic_directory(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + TMP_SUFFIX)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_directory(tmp, dest)
 
 
 # --------------------------------------------------------------------------------------------- accelerator
