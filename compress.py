@@ -17,14 +17,21 @@ import time
 
 from tqdm import tqdm
 
-from utils.codec import FILE_SUFFIX, compress, level_for_bpp, level_for_max_bytes, levels_by_rate, load_model
+from utils.codec import (
+    FILE_SUFFIX,
+    add_model_arguments,
+    compress,
+    level_for_bpp,
+    level_for_max_bytes,
+    levels_by_rate,
+    model_from_args,
+)
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import describe_file_error, list_images, load_image, output_paths, write_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the .oscar files")
     rate = parser.add_mutually_exclusive_group()
@@ -32,13 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rate.add_argument("--bpp", type=float, metavar="X", help="target nominal bits per pixel")
     rate.add_argument("--max-bytes", type=int, metavar="N", help="largest file size in bytes")
     parser.add_argument("-r", "--recursive", action="store_true", help="also compress images in subfolders")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-        help="UNet and VAE-decoder precision of the fast path (bf16/fp16: faster on GPUs, within ~40 dB of fp32)",
-    )
-    parser.add_argument("--no-fast", action="store_true", help="the plain reference path (no LoRA merge, no SDPA)")
+    add_model_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
     inputs = list_images(args.inputs, recursive=args.recursive)
     targets = output_paths(inputs, args.out, FILE_SUFFIX)
-    model = load_model(args.model, args.zoo, args.device, fast=not args.no_fast, precision=args.precision)
+    model = model_from_args(args)
     if args.level is not None and not 0 <= args.level < model.num_levels:
         raise UserError(f"--level {args.level}: this model has levels 0..{model.num_levels - 1}")
 

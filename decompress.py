@@ -16,24 +16,17 @@ import time
 from tqdm import tqdm
 
 from utils.bitstream import read_header
-from utils.codec import FILE_SUFFIX, decompress, load_model
+from utils.codec import FILE_SUFFIX, add_model_arguments, decompress, model_from_args
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import describe_file_error, list_files, output_paths, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
     parser.add_argument("inputs", nargs="+", metavar="FILE", help=".oscar files or folders")
     parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the PNG images")
     parser.add_argument("-r", "--recursive", action="store_true", help="also decompress files in subfolders")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-        help="UNet and VAE-decoder precision of the fast path (bf16/fp16: faster on GPUs, within ~40 dB of fp32)",
-    )
-    parser.add_argument("--no-fast", action="store_true", help="the plain reference path (no LoRA merge, no SDPA)")
+    add_model_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -42,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     inputs = list_files(args.inputs, (FILE_SUFFIX,), recursive=args.recursive, kind=f"{FILE_SUFFIX} files")
     targets = output_paths(inputs, args.out, ".png")
-    model = load_model(args.model, args.zoo, args.device, fast=not args.no_fast, precision=args.precision)
+    model = model_from_args(args)
 
     failures, total_bytes, total_pixels = 0, 0, 0
     start = time.perf_counter()

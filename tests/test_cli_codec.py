@@ -107,7 +107,8 @@ def test_every_image_kind_round_trips_through_the_clis(export, loaded, cli_model
 
 
 def test_rate_options_choose_the_level(export, loaded, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compress_cli, "load_model", lambda *args, **kwargs: loaded)  # loading is tested elsewhere; it is slow
+    # Loading is tested elsewhere (it is slow): the CLI gets the already loaded model.
+    monkeypatch.setattr(compress_cli, "model_from_args", lambda *args, **kwargs: loaded)
     (path,) = smooth_images(tmp_path / "in", 1)
     x, _ = load_image(path)
 
@@ -142,7 +143,7 @@ def test_rate_options_choose_the_level(export, loaded, tmp_path, capsys, monkeyp
 
 
 def test_bad_images_are_reported_and_the_others_compressed(export, loaded, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compress_cli, "load_model", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(compress_cli, "model_from_args", lambda *args, **kwargs: loaded)
     smooth_images(tmp_path / "in", 2)
     (tmp_path / "in" / "garbage.png").write_bytes(b"\x89PNG but not really")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "cut.jpg")

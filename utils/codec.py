@@ -7,6 +7,7 @@ bitstream report and the tests, so they all see the same bytes. The format needs
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import weakref
@@ -123,6 +124,22 @@ def load_model(
 
         prepare_for_inference(model, precision, fast_encoder=False)
     return model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options shared by compress.py and decompress.py (see :func:`model_from_args`)."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="UNet and VAE-decoder precision of the fast path (bf16/fp16: faster on GPUs, within ~40 dB of fp32)",
+    )
+    parser.add_argument("--no-fast", action="store_true", help="the plain reference path (no LoRA merge, no SDPA)")
+
+
+def model_from_args(args: argparse.Namespace) -> OSCARModel:
+    return load_model(args.model, args.zoo, args.device, fast=not args.no_fast, precision=args.precision)
 
 
 def check_level(model: OSCARModel, level: int) -> None:
