@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from models.oscar import OSCARModel
 from utils.codec import measure_index_counts
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
-from utils.errors import OptionsError, UserError, exit_on_user_error
+from utils.errors import UserError, exit_on_user_error
 from utils.image_io import save_png
 from utils.model_zoo import check_zoo, load_sd_components
 from utils.option_schemas import Stage2Options
@@ -48,7 +47,10 @@ from utils.training import (
     count_parameters,
     derived_generator,
     enable_gradient_checkpointing,
+    add_training_arguments,
+    configure_logging,
     epochs_for,
+    finish_run,
     log_training_summary,
     make_accelerator,
     optimizer_step,
@@ -60,7 +62,6 @@ from utils.training import (
 from utils.weights import check_weights
 
 log = logging.getLogger("train_diff")
-EXIT_INTERRUPTED = 130
 METRICS_FILE = "metrics.jsonl"
 PRIOR_PATCHES = 256  # training crops on which the exported model's codebook-usage priors are measured
 
@@ -68,8 +69,7 @@ PRIOR_PATCHES = 256  # training crops on which the exported model's codebook-usa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_option_arguments(parser, default_opt="options/train_diff.json")
-    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint or a checkpoint folder")
-    parser.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop once STEP steps are done")
+    add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> Path:
     """Train the multi-rate model; returns the run folder. User errors surface before anything is written."""
     args = parse_args(argv)
     options = options_from_args(Stage2Options, args)
-    if args.stop_at is not None and args.stop_at < 1:
-        raise OptionsError(f"--stop-at {args.stop_at}: expected a step >= 1")
     run = RunDir.of(options.output_root, options.name)
     resume_from = resolve_resume(run, args.resume)
     seed = options.runtime.seed
@@ -294,12 +292,7 @@ def main(argv: list[str] | None = None) -> Path:
     if result.status == "finished" and accelerator.is_main_process:
         export_model(model, train_set, options, run.final)
         log.info("exported the trained model to %s", run.final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if result.status == "interrupted":
-        print(f"interrupted at step {result.state.step}; checkpoint {result.checkpoint}; continue with --resume latest",
-              file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED)
+    finish_run(accelerator, result)
     return run.root
 
 
@@ -313,12 +306,6 @@ def export_model(model: OSCARModel, train_set: ImageFolderDataset, options: Stag
     return model.save_pretrained(out, zoo_path=options.model_zoo.path)
 
 
-def configure_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    for name in ("train_diff", "utils"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
 if __name__ == "__main__":
-    configure_logging()
+    configure_logging("train_diff")
     main()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from models.rate_table import LATENT_FACTOR, RatePoint, rate_point
 from utils.atomic import atomic_directory
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
-from utils.errors import OptionsError, exit_on_user_error
+from utils.errors import exit_on_user_error
 from utils.model_zoo import check_zoo, load_sd_components
 from utils.option_schemas import Stage1Options
 from utils.options import add_option_arguments, options_from_args
@@ -44,7 +43,10 @@ from utils.training import (
     count_parameters,
     derived_generator,
     enable_gradient_checkpointing,
+    add_training_arguments,
+    configure_logging,
     epochs_for,
+    finish_run,
     log_training_summary,
     make_accelerator,
     optimizer_step,
@@ -55,26 +57,13 @@ from utils.training import (
 )
 
 log = logging.getLogger("train_hyper_enc")
-EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 METRICS_FILE = "metrics.jsonl"  # under logs/: every logged value, readable without tensorboard
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_option_arguments(parser, default_opt="options/train_hyper_enc.json")
-    parser.add_argument(
-        "--resume",
-        metavar="latest|PATH",
-        help="continue from the newest checkpoint of this run (a new run when there is none) "
-        "or from a checkpoint folder",
-    )
-    parser.add_argument(
-        "--stop-at",
-        type=int,
-        metavar="STEP",
-        help="save a checkpoint and stop once STEP optimizer steps are done (e.g. to fit a job time limit); "
-        "--resume latest continues exactly as if the run had not stopped",
-    )
+    add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -163,8 +152,6 @@ def main(argv: list[str] | None = None) -> Path:
     """Train one hyper-encoder; returns the run folder. User errors surface before anything is written."""
     args = parse_args(argv)
     options = options_from_args(Stage1Options, args)
-    if args.stop_at is not None and args.stop_at < 1:
-        raise OptionsError(f"--stop-at {args.stop_at}: expected a step >= 1")
     run = RunDir.of(options.output_root, options.name)
     resume_from = resolve_resume(run, args.resume)
     point = rate_point(options.bpp)
@@ -256,28 +243,10 @@ def main(argv: list[str] | None = None) -> Path:
         with atomic_directory(run.final) as tmp:
             hyper_encoder.save_pretrained(tmp, safe_serialization=True)
         log.info("trained hyper-encoder (%s bpp, %d steps) saved to %s", point.label_bpp, result.state.step, run.final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if result.status == "interrupted":
-        if accelerator.is_main_process:
-            print(
-                f"interrupted at step {result.state.step}; checkpoint {result.checkpoint}; "
-                "continue with --resume latest",
-                file=sys.stderr,
-            )
-        raise SystemExit(EXIT_INTERRUPTED)
-    if result.status == "stopped" and accelerator.is_main_process:
-        log.info("stopped at step %d; checkpoint %s", result.state.step, result.checkpoint)
+    finish_run(accelerator, result)
     return run.root
 
 
-def configure_logging() -> None:
-    """Our messages at INFO; libraries (accelerate's per-file checkpoint chatter) at WARNING."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    for name in ("train_hyper_enc", "utils"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
 if __name__ == "__main__":
-    configure_logging()
+    configure_logging("train_hyper_enc")
     main()

@@ -947,3 +947,58 @@ def epochs_for(max_steps: int, dataset_len: int, global_batch: int, accumulation
     """Roughly how many epochs ``max_steps`` optimizer steps take (for the summary)."""
     per_epoch = max(1, math.ceil(max(1, dataset_len // global_batch) / accumulation))
     return math.ceil(max_steps / per_epoch)
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
+
+
+def _positive_step(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a step >= 1, got {value}")
+    return value
+
+
+def add_training_arguments(parser: Any) -> None:
+    """``--resume`` and ``--stop-at``, shared by both training stages."""
+    parser.add_argument(
+        "--resume",
+        metavar="latest|PATH",
+        help="continue from the newest checkpoint of this run (a new run when there is none) or from a checkpoint folder",
+    )
+    parser.add_argument(
+        "--stop-at",
+        type=_positive_step,
+        metavar="STEP",
+        help="save a checkpoint and stop once STEP optimizer steps are done (e.g. to fit a job time limit); "
+        "--resume latest continues exactly as if the run had not stopped",
+    )
+
+
+def finish_run(accelerator: Any, result: LoopResult) -> None:
+    """End the trackers; an interrupted run exits with status 130 after saying how to continue."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if result.status == "interrupted":
+        if accelerator.is_main_process:
+            print(
+                f"interrupted at step {result.state.step}; checkpoint {result.checkpoint}; continue with --resume latest",
+                file=sys.stderr,
+            )
+        raise SystemExit(EXIT_INTERRUPTED)
+    if result.status == "stopped" and accelerator.is_main_process:
+        log.info("stopped at step %d; checkpoint %s", result.state.step, result.checkpoint)
+
+
+def configure_logging(script: str) -> None:
+    """Our messages at INFO; libraries (accelerate's per-file checkpoint chatter) at WARNING."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    for name in (script, "utils"):
+        logging.getLogger(name).setLevel(logging.INFO)
