@@ -301,8 +301,7 @@ def export_model(model: OSCARModel, train_set: ImageFolderDataset, options: Stag
     model.eval()
     count = min(PRIOR_PATCHES, len(train_set))
     crops = (train_set[i][None].to(model.device) for i in range(count))
-    model.index_counts = measure_index_counts(model, crops, total=count, progress=True)
-    model.invalidate_fingerprint()
+    model.index_counts = measure_index_counts(model, crops, total=count, progress=True)  # resets the fingerprint
     return model.save_pretrained(out, zoo_path=options.model_zoo.path)
 
 

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     print(report(counts, levels))
 
     old = model.fingerprint()
+    # Assigning the priors resets the fingerprint: files written with the old priors are refused afterwards.
     model.index_counts = [counts[i] if i in levels else model.index_counts[i] for i in range(model.num_levels)]
-    model.invalidate_fingerprint()
     out = Path(args.out) if args.out else model_dir
     same_place = out.resolve() == model_dir.resolve()
     zoo = config["model_zoo"] if same_place and args.zoo is None else str(model.zoo_path.resolve())

@@ -229,8 +229,8 @@ def measure_index_counts(
 ) -> list[torch.Tensor]:
     """Codebook usage counts per level over ``images`` (each ``(1, 3, H, W)`` in [-1, 1]), via ``model.encode``.
 
-    These are the entropy coder's static priors (store them in ``model.index_counts``, then
-    ``invalidate_fingerprint``). Levels not in ``levels`` (default: all) get all-zero counts (uniform prior).
+    These are the entropy coder's static priors (assign them to ``model.index_counts``, which resets the
+    model's fingerprint). Levels not in ``levels`` (default: all) get all-zero counts (uniform prior).
     Measure on training-like data: the coder gains in proportion to how skewed real usage is.
     """
     chosen = list(range(model.num_levels)) if levels is None else sorted(set(levels))
