@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-from utils.bitstream import read_header
+from models.oscar.bitstream import read_header
 from utils.codec import FILE_SUFFIX, add_model_arguments, decompress, model_from_args
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import describe_file_error, list_files, output_paths, save_png

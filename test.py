@@ -18,9 +18,9 @@ from pathlib import Path
 
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
-from utils.evaluation import evaluate, format_table
-from utils.metrics import METRICS, MetricSuite
-from utils.option_schemas import EvalOptions
+from utils.evaluation.evaluate import evaluate, format_table
+from utils.evaluation.metrics import METRICS, MetricSuite
+from models.oscar.options import EvalOptions
 from utils.options import add_option_arguments, options_from_args, save_options
 
 
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(options.runtime.device)
     # Metric weights are checked first: a missing file stops the run before the model is even loaded.
     suite = MetricSuite(options.metrics, device=device, skip_missing=options.skip_missing_metrics)
-    from models.oscar import OSCARModel
+    from models.oscar.model import OSCARModel
 
     overrides = {"latent_norms": options.latent_norms} if options.latent_norms else None
     model = OSCARModel.from_pretrained(options.model_dir, zoo_path=options.model_zoo, device=device, overrides=overrides)
     if options.fast_inference:
-        from models.fast_inference import prepare_for_inference
+        from models.oscar.fast_inference import prepare_for_inference
 
         prepare_for_inference(model, options.runtime.precision, fast_encoder=False)
     anchors = options.anchors

@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 
-from models.discriminator import LatentDiscriminator, discriminator_loss, generator_loss
-from models.hyper_encoder import HyperEncoder
-from models.losses import ReconstructionLoss
-from models.oscar import OSCARModel
+from models.oscar.discriminator import LatentDiscriminator, discriminator_loss, generator_loss
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.losses import ReconstructionLoss
+from models.oscar.model import OSCARModel
 from utils.codec import measure_index_counts
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import save_png
-from utils.model_zoo import check_zoo, load_sd_components
-from utils.option_schemas import Stage2Options
+from models.blocks.model_zoo import check_zoo, load_sd_components
+from models.oscar.options import Stage2Options
 from utils.options import add_option_arguments, options_from_args
 from utils.training import (
     CheckpointManager,

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from models.hyper_encoder import HyperEncoder
-from models.losses import latent_cosine_loss
-from models.rate_table import LATENT_FACTOR, RatePoint, rate_point
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.losses import latent_cosine_loss
+from models.oscar.rate_table import LATENT_FACTOR, RatePoint, rate_point
 from utils.atomic import atomic_directory
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
 from utils.errors import exit_on_user_error
-from utils.model_zoo import check_zoo, load_sd_components
-from utils.option_schemas import Stage1Options
+from models.blocks.model_zoo import check_zoo, load_sd_components
+from models.oscar.options import Stage1Options
 from utils.options import add_option_arguments, options_from_args
-from utils.padding import pad_to_multiple
+from models.blocks.padding import pad_to_multiple
 from utils.training import (
     CheckpointManager,
     ResumableBatches,

@@ -40,18 +40,18 @@ from typing import Any
 
 import torch
 
-from models.coded_image import CodedImage
-from models.entropy_coder import measure_throughput
-from models.fast_inference import compile_for_inference, inference_precision_default, prepare_for_inference
-from models.latent_norms import dequantize_rms, rescale_to_rms
-from models.oscar import OSCARModel
-from utils.bitstream import read_bitstream, write_bitstream
+from models.oscar.coded_image import CodedImage
+from models.blocks.index_coder import measure_throughput
+from models.oscar.fast_inference import compile_for_inference, inference_precision_default, prepare_for_inference
+from models.oscar.latent_norms import dequantize_rms, rescale_to_rms
+from models.oscar.model import OSCARModel
+from models.oscar.bitstream import read_bitstream, write_bitstream
 from utils.codec import codec_info, compress, decompress
 from utils.device import resolve_device, resolve_dtype
 from utils.errors import exit_on_user_error
-from utils.model_zoo import PRESETS, SD21_VAE, build_sd_components
-from utils.option_schemas import HyperEncoderOptions, ModelOptions
-from utils.padding import pad_to_multiple
+from models.blocks.model_zoo import PRESETS, SD21_VAE, build_sd_components
+from models.oscar.options import HyperEncoderOptions, ModelOptions
+from models.blocks.padding import pad_to_multiple
 
 SCHEMA = "oscar-benchmark/1"
 ALL_SIZES = ("512x512", "768x512", "2048x1365")

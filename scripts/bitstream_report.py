@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from models.coded_image import CodedImage
-from models.entropy_coder import CodingMode, IndexPrior, decode_indices, encode_indices, measure_throughput
-from models.oscar import OSCARModel
-from utils.bitstream import CodecInfo, header_bits, read_bitstream, read_header, write_bitstream
+from models.oscar.coded_image import CodedImage
+from models.blocks.index_coder import CodingMode, IndexPrior, decode_indices, encode_indices, measure_throughput
+from models.oscar.model import OSCARModel
+from models.oscar.bitstream import CodecInfo, header_bits, read_bitstream, read_header, write_bitstream
 from utils.codec import codec_info, load_model
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import InputFile, describe_file_error, list_images, load_image

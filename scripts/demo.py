@@ -29,10 +29,10 @@ import torch
 import test as evaluate_entry
 import train_diff
 import train_hyper_enc
-from models.rate_table import DEFAULT_LEVEL_BPPS
+from models.oscar.rate_table import DEFAULT_LEVEL_BPPS
 from scripts import fit_timesteps
 from utils.data import ImageFolderDataset, write_synthetic_images
-from utils.model_zoo import write_model_zoo
+from models.blocks.model_zoo import write_model_zoo
 
 HYPER = {"channels": 32, "hyper_dim": 64, "codebook_dim": 16}
 

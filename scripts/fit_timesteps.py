@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.hyper_encoder import HyperEncoder
-from models.rate_table import rate_point
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.rate_table import rate_point
 from utils.data import ValidationImages
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.model_zoo import load_sd_components
-from utils.option_schemas import Stage2Options
+from models.blocks.model_zoo import load_sd_components
+from models.oscar.options import Stage2Options
 from utils.options import add_option_arguments, options_from_args, save_options
-from utils.timestep_fit import METHODS, measure_levels
+from models.oscar.timestep_fit import METHODS, measure_levels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

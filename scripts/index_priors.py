@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.entropy_coder import bits_per_index
-from models.oscar import read_export_config
+from models.blocks.index_coder import bits_per_index
+from models.oscar.model import read_export_config
 from utils.codec import load_model, measure_index_counts, prior_bits_per_token
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import InputFile, describe_file_error, list_images, load_image

@@ -15,8 +15,8 @@ import argparse
 import time
 
 from utils.errors import exit_on_user_error
-from utils.model_zoo import PRESETS, load_sd_components, write_model_zoo
-from utils.option_schemas import HyperEncoderOptions, ModelOptions
+from models.blocks.model_zoo import PRESETS, load_sd_components, write_model_zoo
+from models.oscar.options import HyperEncoderOptions, ModelOptions
 from utils.options import load_options
 
 # A small OSCAR on the tiny zoo: narrow hyper-encoders and rank-4 LoRA, so the demo trains in minutes on a CPU.
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_model:
         import torch
 
-        from models.oscar import OSCARModel
+        from models.oscar.model import OSCARModel
 
         if args.model_opt:
             options = load_options(ModelOptions, args.model_opt)

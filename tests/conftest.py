@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
-    from utils.model_zoo import write_model_zoo
+    from models.blocks.model_zoo import write_model_zoo
 
     return write_model_zoo("tiny", tmp_path_factory.mktemp("zoo") / "tiny", seed=0)
 
@@ -31,9 +31,9 @@ def tiny_export(tmp_path_factory, tiny_zoo) -> Path:
     """An untrained exported OSCAR model (small hyper-encoders) on the tiny zoo, for file-level tests."""
     import torch
 
-    from models.oscar import OSCARModel
-    from utils.model_zoo import load_sd_components
-    from utils.option_schemas import HyperEncoderOptions, ModelOptions
+    from models.oscar.model import OSCARModel
+    from models.blocks.model_zoo import load_sd_components
+    from models.oscar.options import HyperEncoderOptions, ModelOptions
 
     options = ModelOptions(hyper_encoder=HyperEncoderOptions(channels=16, hyper_dim=32, codebook_dim=8), lora_rank=2, lora_alpha=1.0)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ def release_dict_from_model(model) -> dict:
     for key, value in model.hyper_encoders.state_dict().items():
         # Newer vector-quantize-pytorch versions save `initted` as a 0-dim bool: exercise that variant.
         he_state[key] = value.reshape(()).bool() if key.endswith("_codebook.initted") else value.clone()
-    from models.lora import trainable_unet_state
+    from models.blocks.lora import trainable_unet_state
 
     return {
         "hyper_encoders": he_state,

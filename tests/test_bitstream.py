@@ -14,10 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.coded_image import CodedImage
-from models.entropy_coder import IndexPrior, bits_per_index
-from models.rate_table import RATE_TABLE
-from utils.bitstream import (
+from models.oscar.coded_image import CodedImage
+from models.blocks.index_coder import IndexPrior, bits_per_index
+from models.oscar.rate_table import RATE_TABLE
+from models.oscar.bitstream import (
     FORMAT_VERSION,
     HEADER_LAYOUT,
     MAGIC,

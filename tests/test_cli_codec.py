@@ -17,9 +17,9 @@ from PIL import Image
 
 import compress as compress_cli
 import decompress as decompress_cli
-from models.oscar import OSCARModel
+from models.oscar.model import OSCARModel
 from tests.test_codec import make_model, synthetic_batch, write_image_kinds
-from utils.bitstream import read_header
+from models.oscar.bitstream import read_header
 from utils.codec import compress, decompress, level_for_bpp, level_for_max_bytes, levels_by_rate
 from utils.image_io import load_image, save_png, to_uint8
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.oscar import OSCARModel
+from models.oscar.model import OSCARModel
 from tests.test_oscar import small_options
-from utils.bitstream import (
+from models.oscar.bitstream import (
     CodingMode,
     ModelMismatchError,
     header_bits,
@@ -43,7 +43,7 @@ from utils.image_io import (
     to_uint8,
     write_atomic,
 )
-from utils.model_zoo import load_sd_components
+from models.blocks.model_zoo import load_sd_components
 
 SIZES = [(64, 64), (96, 128), (77, 45), (45, 77), (17, 5)]  # (h, w): square, landscape, odd portrait/landscape, tiny
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.discriminator import LatentDiscriminator, discriminator_loss, generator_loss, unet_down_mid_features
-from models.lora import add_oscar_lora, lora_target_groups
-from utils.model_zoo import SD21_SCHEDULER, SD21_UNET, load_sd_components
+from models.oscar.discriminator import LatentDiscriminator, discriminator_loss, generator_loss, unet_down_mid_features
+from models.blocks.lora import add_oscar_lora, lora_target_groups
+from models.blocks.model_zoo import SD21_SCHEDULER, SD21_UNET, load_sd_components
 
 RANK = 4
 

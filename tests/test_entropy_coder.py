@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.entropy_coder import (
+from models.blocks.index_coder import (
     MAX_CODEBOOK_SIZE,
     PROB_SCALE,
     RANS_MIN_SYMBOLS,

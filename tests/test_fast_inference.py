@@ -13,16 +13,16 @@ import math
 import pytest
 import torch
 
-from models.coded_image import CodedImage
-from models.fast_inference import (
+from models.oscar.coded_image import CodedImage
+from models.oscar.fast_inference import (
     attention_processors,
     inference_precision_default,
     prepare_for_inference,
 )
-from models.oscar import OSCARModel
-from utils.model_zoo import build_sd_components
-from utils.option_schemas import HyperEncoderOptions, ModelOptions
-from utils.padding import pad_to_multiple
+from models.oscar.model import OSCARModel
+from models.blocks.model_zoo import build_sd_components
+from models.oscar.options import HyperEncoderOptions, ModelOptions
+from models.blocks.padding import pad_to_multiple
 
 OPTIONS = ModelOptions(
     hyper_encoder=HyperEncoderOptions(channels=32, hyper_dim=64, codebook_dim=16), lora_rank=4, lora_alpha=2.0
@@ -178,7 +178,7 @@ def test_sdpa_is_installed_and_setup_recorded(reference, fast_bf16):
 
 
 def test_compile_guard_skips_with_warning(reference, monkeypatch):
-    import models.fast_inference as fi
+    import models.oscar.fast_inference as fi
 
     monkeypatch.setattr(fi, "compile_unavailable_reason", lambda device: "no backend here")
     with pytest.warns(UserWarning, match="torch.compile skipped: no backend here"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hyper_encoder import HyperEncoder, HyperEncoderOutput
-from models.rate_table import rate_point
+from models.oscar.hyper_encoder import HyperEncoder, HyperEncoderOutput
+from models.oscar.rate_table import rate_point
 
 FIXTURE = Path(__file__).parent / "data" / "oscar_release_layout.json.gz"
 # Released encoder index -> (downsamplings, codebook size), from the layout file's header.

@@ -1,4 +1,4 @@
-"""Tests for models.losses, with seeded stand-in weights in a temporary TORCH_HOME (no real weights needed)."""
+"""Tests for models.oscar.losses, with seeded stand-in weights in a temporary TORCH_HOME (no real weights needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.losses import DistsLoss, ReconstructionLoss, latent_cosine_loss, sobel_magnitude
+from models.oscar.losses import DistsLoss, ReconstructionLoss, latent_cosine_loss, sobel_magnitude
 from tests.stand_in_weights import torch_home, write_stand_in_weights
 from utils.weights import MissingWeightsError
 

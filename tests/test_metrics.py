@@ -1,4 +1,4 @@
-"""Tests for utils.metrics: every metric runs on stand-in weights; PSNR and MS-SSIM against hand computations;
+"""Tests for utils.evaluation.metrics: every metric runs on stand-in weights; PSNR and MS-SSIM against hand computations;
 missing weights; the FID/KID patch protocol.
 
 The networks are full-size with random weights (tests/stand_in_weights.py), so learned scores are meaningless here:
@@ -18,9 +18,9 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import convolve2d
 
 from tests.stand_in_weights import accept_stand_in_clip, torch_home, write_stand_in_weights
-from utils import metrics
+from utils.evaluation import metrics
 from utils.errors import UserError
-from utils.metrics import (
+from utils.evaluation.metrics import (
     FID_PATCHES,
     KID_STD,
     METRICS,

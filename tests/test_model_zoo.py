@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from utils.errors import ModelZooError
-from utils.model_zoo import SD21_UNET, SD21_VAE, build_sd_components, load_sd_components, zoo_info
+from models.blocks.model_zoo import SD21_UNET, SD21_VAE, build_sd_components, load_sd_components, zoo_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_make_model_zoo_cli(tmp_path):
 
 
 def test_fit_vae_lowers_reconstruction_error_and_sets_scaling_factor():
-    from utils.model_zoo import fit_vae
+    from models.blocks.model_zoo import fit_vae
 
     parts = build_sd_components("tiny", seed=0)
     x = torch.linspace(-1, 1, 64).repeat(3, 64, 1)[None].repeat(4, 1, 1, 1)  # smooth ramps

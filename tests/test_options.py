@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from utils.errors import OptionsError
-from utils.option_schemas import EvalOptions, Stage1Options, Stage2Options
+from models.oscar.options import EvalOptions, Stage1Options, Stage2Options
 from utils.options import load_options, save_options, strip_json_comments
 
 ROOT = Path(__file__).resolve().parents[1]

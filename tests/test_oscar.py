@@ -9,14 +9,14 @@ import textwrap
 import pytest
 import torch
 
-from models.coded_image import CodedImage
-from models.diffusion import predict_x0
-from models.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
-from models.lora import lora_parameters
-from models.oscar import ModelLoadError, OSCARModel
-from utils.model_zoo import load_sd_components
-from utils.option_schemas import HyperEncoderOptions, ModelOptions
-from utils.padding import pad_to_multiple
+from models.oscar.coded_image import CodedImage
+from models.blocks.one_step import predict_x0
+from models.oscar.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
+from models.blocks.lora import lora_parameters
+from models.oscar.model import ModelLoadError, OSCARModel
+from models.blocks.model_zoo import load_sd_components
+from models.oscar.options import HyperEncoderOptions, ModelOptions
+from models.blocks.padding import pad_to_multiple
 
 SMALL = dict(hyper_encoder=HyperEncoderOptions(channels=16, hyper_dim=32, codebook_dim=8), lora_rank=2, lora_alpha=1.0)
 
@@ -79,7 +79,7 @@ def test_determinism_across_processes(model, tiny_zoo, tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from models.oscar import OSCARModel
+        from models.oscar.model import OSCARModel
         model = OSCARModel.from_pretrained({str(export)!r})
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         coded = model.encode(x, 2)
@@ -103,7 +103,7 @@ def test_determinism_across_processes(model, tiny_zoo, tmp_path):
 def test_x0_matches_scheduler(prediction_type):
     from diffusers import DDPMScheduler
 
-    from utils.model_zoo import SD21_SCHEDULER
+    from models.blocks.model_zoo import SD21_SCHEDULER
 
     scheduler = DDPMScheduler(**{**SD21_SCHEDULER, "prediction_type": prediction_type})
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def test_x0_inverts_noising():
     """For a sample made by add_noise, the exact noise / velocity gives back the clean latent."""
     from diffusers import DDPMScheduler
 
-    from utils.model_zoo import SD21_SCHEDULER
+    from models.blocks.model_zoo import SD21_SCHEDULER
 
     scheduler = DDPMScheduler(**SD21_SCHEDULER)
     x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
@@ -159,8 +159,8 @@ def test_sd21_lora_counts_match_release():
     """With the real architecture (on the meta device: no memory), the adapters match the release exactly."""
     from diffusers import UNet2DConditionModel
 
-    from models.lora import add_oscar_lora, trainable_unet_state
-    from utils.model_zoo import SD21_UNET
+    from models.blocks.lora import add_oscar_lora, trainable_unet_state
+    from models.blocks.model_zoo import SD21_UNET
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET)

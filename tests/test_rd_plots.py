@@ -1,4 +1,4 @@
-"""Tests for utils.rd_plots: BD-rate on curves with known answers, anchors file, PNG output."""
+"""Tests for utils.evaluation.rd_plots: BD-rate on curves with known answers, anchors file, PNG output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from utils.errors import UserError
-from utils.rd_plots import (
+from utils.evaluation.rd_plots import (
     AnchorsError,
     BDRateError,
     bd_rate,

@@ -8,16 +8,16 @@ import pickle
 import pytest
 import torch
 
-from models.oscar import ModelLoadError
-from models.release import load_release_checkpoint, read_release_checkpoint
+from models.oscar.model import ModelLoadError
+from models.oscar.release import load_release_checkpoint, read_release_checkpoint
 from tests.release_fixture import fabricate_release, release_dict_from_model, release_layout
 from tests.test_oscar import image, small_options
-from utils.model_zoo import build_sd_components, load_sd_components
+from models.blocks.model_zoo import build_sd_components, load_sd_components
 
 
 @pytest.fixture(scope="module")
 def source_model(tiny_zoo):
-    from models.oscar import OSCARModel
+    from models.oscar.model import OSCARModel
 
     torch.manual_seed(1)
     return OSCARModel(load_sd_components(tiny_zoo), small_options()).eval()
@@ -42,10 +42,10 @@ def test_release_layout_loads_unchanged(source_model, release_file, tiny_zoo):
 
 def test_full_size_release_layout(tmp_path):
     """A checkpoint with the release's exact names and shapes loads into the SD-2.1 architecture."""
-    from models.oscar import OSCARModel
-    from models.lora import lora_target_groups
+    from models.oscar.model import OSCARModel
+    from models.blocks.lora import lora_target_groups
     from diffusers import UNet2DConditionModel
-    from utils.model_zoo import SD21_UNET
+    from models.blocks.model_zoo import SD21_UNET
 
     with torch.device("meta"):
         groups = lora_target_groups(UNet2DConditionModel(**SD21_UNET))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from utils.model_zoo import SD21_SCHEDULER
-from utils.timestep_fit import latent_pair_stats, timestep_for_signal_rate, timestep_for_snr
+from models.blocks.model_zoo import SD21_SCHEDULER
+from models.oscar.timestep_fit import latent_pair_stats, timestep_for_signal_rate, timestep_for_snr
 
 
 @pytest.mark.parametrize("t", [150, 310, 500, 800])

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train_hyper_enc
-from models.hyper_encoder import HyperEncoder
+from models.oscar.hyper_encoder import HyperEncoder
 from utils.data import make_dataloader, write_synthetic_images
-from utils.option_schemas import OptimizerOptions, Stage1Options, TrainLoopOptions
+from models.oscar.options import OptimizerOptions, Stage1Options, TrainLoopOptions
 from utils.options import load_options
 from utils.training import (
     CheckpointManager,

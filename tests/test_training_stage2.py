@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_diff
-from models.hyper_encoder import HyperEncoder
-from models.oscar import OSCARModel
-from models.rate_table import rate_point
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.model import OSCARModel
+from models.oscar.rate_table import rate_point
 from tests.stand_in_weights import torch_home, write_stand_in_weights
 from utils.data import write_synthetic_images
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import vq as vq_module
-from models.vq import CosineVectorQuantizer, VQOutput
+from models.oscar import vq as vq_module
+from models.oscar.vq import CosineVectorQuantizer, VQOutput
 
 DIM, K, CDIM = 24, 16, 8
 

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from models.entropy_coder import RANS_MIN_SYMBOLS, IndexPrior, bits_per_index
-from models.oscar import OSCARModel
-from utils.bitstream import MAX_PIXELS, MAX_SIDE, CodecInfo, header_bits, read_bitstream, write_bitstream
+from models.blocks.index_coder import RANS_MIN_SYMBOLS, IndexPrior, bits_per_index
+from models.oscar.model import OSCARModel
+from models.oscar.bitstream import MAX_PIXELS, MAX_SIDE, CodecInfo, header_bits, read_bitstream, write_bitstream
 from utils.device import resolve_device
 from utils.errors import UserError
 
@@ -98,7 +98,7 @@ def compress(model: OSCARModel, image: torch.Tensor, level: int) -> bytes:
 def decompress(model: OSCARModel, data: bytes) -> torch.Tensor:
     """The bytes of an ``.oscar`` file to an image ``(1, 3, H, W)`` in [-1, 1] (float32, on the model's device).
 
-    A file that is not valid for this model raises a :class:`utils.bitstream.BitstreamError` subclass.
+    A file that is not valid for this model raises a :class:`models.oscar.bitstream.BitstreamError` subclass.
     """
     _check_file_mode(model)
     return model.decode(read_bitstream(data, codec_info(model)))
@@ -114,13 +114,13 @@ def load_model(
     """An exported model ready for files on ``device`` (auto: CUDA when present), checked for file use.
 
     It is loaded in fp32 (the file identity is computed from the stored fp32 weights). ``fast`` converts it with
-    :func:`models.fast_inference.prepare_for_inference` (LoRA merged, channels_last, SDPA; VAE decoder and UNet
+    :func:`models.oscar.fast_inference.prepare_for_inference` (LoRA merged, channels_last, SDPA; VAE decoder and UNet
     in ``precision``), keeping the encoder exact so files are the same as the reference path's.
     """
     model = OSCARModel.from_pretrained(model_dir, zoo_path=zoo, device=resolve_device(device))
     _check_file_mode(model)
     if fast:
-        from models.fast_inference import prepare_for_inference
+        from models.oscar.fast_inference import prepare_for_inference
 
         prepare_for_inference(model, precision, fast_encoder=False)
     return model

@@ -188,7 +188,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def make_accelerator(
     train: Any, run_dir: str | os.PathLike[str], seed: int, *, device: str = "auto", find_unused_parameters: bool = False
 ) -> Any:
-    """An Accelerator for ``train`` (a :class:`utils.option_schemas.TrainLoopOptions`), seeded with ``seed``.
+    """An Accelerator for ``train`` (a :class:`models.oscar.options.TrainLoopOptions`), seeded with ``seed``.
 
     Project folder ``run_dir``, tracker output in ``run_dir/logs``; ``mixed_precision`` and
     ``gradient_accumulation_steps`` from the options; ``log_with`` tensorboard, wandb (only when installed: a clear
@@ -258,7 +258,7 @@ def init_trackers(accelerator: Any, project_name: str, options: Any, resume_step
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter] | Iterable[dict[str, Any]], options: Any) -> torch.optim.AdamW:
-    """AdamW from an :class:`utils.option_schemas.OptimizerOptions` (learning rate, betas, weight decay, eps)."""
+    """AdamW from an :class:`models.oscar.options.OptimizerOptions` (learning rate, betas, weight decay, eps)."""
     params = list(parameters)
     if not params:
         raise ValueError("no parameters to optimize")

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from models.lora import ADAPTER_GROUPS
-from models.oscar import ModelLoadError, OSCARModel, load_unet_trainable
-from models.state_dicts import state_dict_mismatch
-from utils.model_zoo import SDComponents
-from utils.option_schemas import ModelOptions
+from models.blocks.lora import ADAPTER_GROUPS
+from models.oscar.model import ModelLoadError, OSCARModel, load_unet_trainable
+from models.blocks.state_dicts import state_dict_mismatch
+from models.blocks.model_zoo import SDComponents
+from models.oscar.options import ModelOptions
 
 RELEASE_KEYS = {
     "hyper_encoders": dict,

@@ -24,10 +24,10 @@ from typing import Iterable
 
 import torch
 
-from models.hyper_encoder import HyperEncoder
-from models.latent_norms import channel_rms, rescale_to_rms
-from models.rate_table import RatePoint
-from utils.padding import pad_to_multiple
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.latent_norms import channel_rms, rescale_to_rms
+from models.oscar.rate_table import RatePoint
+from models.blocks.padding import pad_to_multiple
 
 METHODS = ("cosine", "snr")
 

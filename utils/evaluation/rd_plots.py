@@ -1,7 +1,7 @@
 """Rate-distortion curves: one PNG per metric, published anchor points, and Bjontegaard BD-rate.
 
 A *curve* is a sequence of per-level summary records, each a mapping with the measured rate under ``"bpp"``
-(actual bits per pixel, from file sizes) and metric values under the names of :mod:`utils.metrics` (``psnr``,
+(actual bits per pixel, from file sizes) and metric values under the names of :mod:`utils.evaluation.metrics` (``psnr``,
 ``lpips_vgg``, ``fid``, ...); other keys (``level``, ``nominal_bpp``, ...) are ignored. Published anchors are read from
 a JSON file (``options/anchors_published.json``) and drawn dashed, labelled "(published)", so a reader never takes
 them for numbers this project measured.
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from utils.errors import UserError
-from utils.metrics import METRICS, label
+from utils.evaluation.metrics import METRICS, label
 
 RATE_KEY = "bpp"
 
@@ -69,7 +69,7 @@ def load_anchors(path: str | os.PathLike[str], dataset: str | None = None) -> li
     """The anchor curves in ``path`` (JSON with ``//`` comments), optionally only those of ``dataset``.
 
     Layout: ``{"curves": [{"method", "dataset", "source", "rate": "actual"|"nominal", "caveats": [...],
-    "points": [{"bpp": ..., "<metric>": ...}, ...]}, ...]}``; metric keys are :mod:`utils.metrics` names.
+    "points": [{"bpp": ..., "<metric>": ...}, ...]}, ...]}``; metric keys are :mod:`utils.evaluation.metrics` names.
     """
     from utils.options import read_json_with_comments
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.rate_table import DEFAULT_LEVEL_BPPS, DEFAULT_TIMESTEPS, RATE_TABLE, rate_point
-from utils.model_zoo import DEFAULT_ZOO
+from models.oscar.rate_table import DEFAULT_LEVEL_BPPS, DEFAULT_TIMESTEPS, RATE_TABLE, rate_point
+from models.blocks.model_zoo import DEFAULT_ZOO
 from utils.options import option, required
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")

@@ -17,8 +17,8 @@ Safety of compressai's rANS (``compressai.ans``, 64-bit state, 16-bit precision)
   the symbols it decodes to, so decoding and re-encoding must reproduce it bit for bit. Truncation, trailing
   bytes and almost every bit flip fail that test (the flushed final state alone carries ~31 redundant bits).
 
-The error classes of the file format live here, not in ``utils.bitstream``, because that module imports this
-one (it needs the coder); ``utils.bitstream`` re-exports them.
+The error classes of the file format live here, not in ``models.oscar.bitstream``, because that module imports this
+one (it needs the coder); ``models.oscar.bitstream`` re-exports them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ a real VAE latent. The discriminator judges latents, not pixels::
 Design choices (the reference describes the pieces, not these details):
 
 * The UNet is a separate instance from the generator's: frozen base weights, its own LoRA adapters on the same
-  targets as the generator (:func:`models.lora.add_oscar_lora`). Its ``up_blocks``, ``conv_norm_out`` and
+  targets as the generator (:func:`models.blocks.lora.add_oscar_lora`). Its ``up_blocks``, ``conv_norm_out`` and
   ``conv_out`` are removed before the adapters are added, so they are neither held nor adapted: about half of
   SD-2.1's UNet weights are never kept in memory. What is adapted is ``conv_in`` and every target in
   ``down_blocks`` (the "encoder" adapter) and in ``mid_block`` (the "others" adapter); ``conv_in``'s base
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import add_oscar_lora
-from models.state_dicts import state_dict_mismatch
+from models.blocks.lora import add_oscar_lora
+from models.blocks.state_dicts import state_dict_mismatch
 
 DEFAULT_TIMESTEP_RANGE = (20, 980)
 MAX_NORM_GROUPS = 32
@@ -133,7 +133,7 @@ class LatentDiscriminator(nn.Module):
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> LatentDiscriminator:  # fmt: skip
         """Load a fresh copy of the zoo's UNet (and scheduler) for the discriminator; the generator's is untouched."""
-        from utils.model_zoo import load_sd_components
+        from models.blocks.model_zoo import load_sd_components
 
         sd = load_sd_components(path, device=device, dtype=dtype)  # the VAE it also loads is dropped on return
         return cls(sd.unet, sd.scheduler, lora_rank, lora_alpha, timestep_range)

@@ -6,7 +6,7 @@ decoding. Every step is an option, and the defaults are the ones that are safe:
 ====================  ==========================================================================================
 step                  what it does, and why it is safe
 ====================  ==========================================================================================
-LoRA merge            folds the three adapter groups into the UNet weights (:func:`models.lora.merge_lora`),
+LoRA merge            folds the three adapter groups into the UNet weights (:func:`models.blocks.lora.merge_lora`),
                       done in fp32 *before* any cast so that ``W + s·BA`` is rounded once; removes the extra
                       low-rank matmuls of ~260 layers. Equal to the unmerged model within fp32 round-off.
 precision             casts the VAE and the UNet to bf16/fp16. The hyper-encoders (analysis, cosine VQ,
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.lora import merge_lora as merge_lora_weights
-from models.oscar import OSCARModel
+from models.blocks.lora import merge_lora as merge_lora_weights
+from models.oscar.model import OSCARModel
 from utils.device import PRECISIONS, resolve_dtype
 
 

@@ -30,19 +30,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.coded_image import CodedImage
-from models.diffusion import predict_x0
-from models.hyper_encoder import HyperEncoder
-from models.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
-from models.lora import add_oscar_lora, trainable_unet_state
-from models.rate_table import RatePoint, rate_point
-from models.state_dicts import state_dict_mismatch
+from models.oscar.coded_image import CodedImage
+from models.blocks.one_step import predict_x0
+from models.oscar.hyper_encoder import HyperEncoder
+from models.oscar.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
+from models.blocks.lora import add_oscar_lora, trainable_unet_state
+from models.oscar.rate_table import RatePoint, rate_point
+from models.blocks.state_dicts import state_dict_mismatch
 from utils.atomic import atomic_directory
 from utils.errors import UserError
-from utils.model_zoo import SDComponents, load_sd_components
-from utils.option_schemas import ModelOptions
+from models.blocks.model_zoo import SDComponents, load_sd_components
+from models.oscar.options import ModelOptions
 from utils.options import build_options, options_to_dict
-from utils.padding import crop_to, pad_to_multiple
+from models.blocks.padding import crop_to, pad_to_multiple
 
 PROMPT_TOKENS = 77  # SD's text-token count; the learned embedding takes the place of the text encoder
 EXPORT_FORMAT = "oscar-export"

@@ -17,8 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from models.rate_table import RatePoint
-from models.vq import CosineVectorQuantizer
+from models.oscar.rate_table import RatePoint
+from models.oscar.vq import CosineVectorQuantizer
 
 MAX_DOWNSAMPLINGS = 3
 

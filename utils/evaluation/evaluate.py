@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.oscar import OSCARModel
-from utils.bitstream import read_bitstream, write_bitstream
+from models.oscar.model import OSCARModel
+from models.oscar.bitstream import read_bitstream, write_bitstream
 from utils.codec import codec_info, compress, decompress
 from utils.errors import UserError
 from utils.image_io import describe_file_error, list_images, load_image, save_png, write_atomic
-from utils.metrics import METRICS, MetricSuite
-from utils.rd_plots import bd_rate_detail, load_anchors, plot_rd_curves
+from utils.evaluation.metrics import METRICS, MetricSuite
+from utils.evaluation.rd_plots import bd_rate_detail, load_anchors, plot_rd_curves
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.coded_image import CodedImage
-from models.entropy_coder import (
+from models.oscar.coded_image import CodedImage
+from models.blocks.index_coder import (
     BitstreamError,
     CodingMode,
     CorruptBitstreamError,
@@ -24,7 +24,7 @@ from models.entropy_coder import (
     decode_indices,
     encode_indices,
 )
-from models.rate_table import LATENT_FACTOR
+from models.oscar.rate_table import LATENT_FACTOR
 
 __all__ = [
     "FORMAT_VERSION",
