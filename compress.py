@@ -1,9 +1,10 @@
-"""Compress images to .oscar files with an exported OSCAR model.
+"""Compress images to files with an exported model of any codec method (OSCAR: ``.oscar`` files).
 
     python compress.py --model runs/oscar INPUT... -o OUT_DIR [--level N | --bpp X | --max-bytes N]
 
 INPUT: image files (PNG, JPEG, BMP, WebP, TIFF, PPM) or folders of them (``--recursive`` for subfolders;
-output paths then mirror them). Each image becomes ``OUT_DIR/<stem>.oscar``, written atomically. Rate:
+output paths then mirror them). Each image becomes ``OUT_DIR/<stem><suffix>`` (the method's suffix, e.g.
+``.oscar``), written atomically. Rate:
 ``--level`` picks a level, ``--bpp`` the highest-rate level whose nominal rate (indices only) is at most X for
 the image's size, ``--max-bytes`` the highest-rate level whose actual file fits; default the highest-rate
 level. A failing image is reported as ``error: FILE: problem`` and skipped; the exit status is then 1.
@@ -17,15 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from utils.codec import (
-    FILE_SUFFIX,
-    add_model_arguments,
-    compress,
-    level_for_bpp,
-    level_for_max_bytes,
-    levels_by_rate,
-    model_from_args,
-)
+from utils.cli.codec_args import add_model_arguments, codec_from_args
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import describe_file_error, list_images, load_image, output_paths, write_atomic
 
@@ -33,7 +26,7 @@ from utils.image_io import describe_file_error, list_images, load_image, output_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the .oscar files")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the coded files")
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--level", type=int, metavar="N", help="rate level index (0 = lowest rate)")
     rate.add_argument("--bpp", type=float, metavar="X", help="target nominal bits per pixel")
@@ -51,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_bytes is not None and args.max_bytes < 1:
         raise UserError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
     inputs = list_images(args.inputs, recursive=args.recursive)
-    targets = output_paths(inputs, args.out, FILE_SUFFIX)
-    model = model_from_args(args)
+    model = codec_from_args(args)
     if args.level is not None and not 0 <= args.level < model.num_levels:
         raise UserError(f"--level {args.level}: this model has levels 0..{model.num_levels - 1}")
+    targets = output_paths(inputs, args.out, model.file_suffix)
 
     failures, total_bytes, total_pixels = 0, 0, 0
     start = time.perf_counter()
@@ -63,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             image, info = load_image(item.path)
             height, width = info.height, info.width
             if args.max_bytes is not None:
-                level, data = level_for_max_bytes(model, image, args.max_bytes)
+                level, data = model.compress_to_max_bytes(image, args.max_bytes)
             else:
                 if args.bpp is not None:
-                    level = level_for_bpp(model, height, width, args.bpp)
+                    level = model.level_for_bpp(height, width, args.bpp)
                 elif args.level is not None:
                     level = args.level
                 else:
-                    level = levels_by_rate(model, height, width)[0]
-                data = compress(model, image, level)
+                    level = model.levels_by_rate(height, width)[0]
+                data = model.compress(image, level)
             write_atomic(target, data)
         except (UserError, OSError) as err:  # OSError: the output cannot be written
             failures += 1

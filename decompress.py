@@ -1,9 +1,9 @@
-"""Decompress .oscar files to PNG images with the exported OSCAR model that wrote them.
+"""Decompress coded files (e.g. ``.oscar``) to PNG images with the exported model that wrote them.
 
     python decompress.py --model runs/oscar FILE... -o OUT_DIR
 
-FILE: .oscar files or folders of them (``--recursive`` for subfolders). Each becomes ``OUT_DIR/<stem>.png``
-at the original image size, written atomically. A file that is damaged or was written by another model is
+FILE: coded files or folders of them (every registered method's suffix) (``--recursive`` for subfolders). Each becomes ``OUT_DIR/<stem>.png``
+at the original image size, written atomically. A file that is damaged or was written by another model (or method) is
 reported as ``error: FILE: problem`` and skipped (no output file); the exit status is then 1.
 """
 
@@ -15,15 +15,15 @@ import time
 
 from tqdm import tqdm
 
-from models.oscar.bitstream import read_header
-from utils.codec import FILE_SUFFIX, add_model_arguments, decompress, model_from_args
+from models.registry import file_suffixes
+from utils.cli.codec_args import add_model_arguments, codec_from_args
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import describe_file_error, list_files, output_paths, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="FILE", help=".oscar files or folders")
+    parser.add_argument("inputs", nargs="+", metavar="FILE", help="coded files or folders")
     parser.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="folder for the PNG images")
     parser.add_argument("-r", "--recursive", action="store_true", help="also decompress files in subfolders")
     add_model_arguments(parser)
@@ -33,16 +33,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    inputs = list_files(args.inputs, (FILE_SUFFIX,), recursive=args.recursive, kind=f"{FILE_SUFFIX} files")
+    suffixes = file_suffixes()
+    inputs = list_files(args.inputs, suffixes, recursive=args.recursive, kind=f"coded files ({', '.join(suffixes)})")
     targets = output_paths(inputs, args.out, ".png")
-    model = model_from_args(args)
+    model = codec_from_args(args)
 
     failures, total_bytes, total_pixels = 0, 0, 0
     start = time.perf_counter()
     for item, target in zip(tqdm(inputs, desc="decompressing", unit="file", disable=None), targets):
         try:
             data = item.path.read_bytes()
-            image = decompress(model, data)
+            image = model.decompress(data)
             save_png(image, target)
         except (UserError, OSError) as err:
             failures += 1
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         total_bytes += len(data)
         total_pixels += height * width
         tqdm.write(
-            f"{item.relative}  {width}x{height}  level {read_header(data).level}  {len(data)} bytes  "
+            f"{item.relative}  {width}x{height}  level {model.level_header(data)[0]}  {len(data)} bytes  "
             f"{8 * len(data) / (height * width):.4f} bpp"
         )
     done = len(inputs) - failures

@@ -1,9 +1,9 @@
-"""Evaluate an exported OSCAR model on image folders, through real files, at every level.
+"""Evaluate an exported model of any codec method on image folders, through real files, at every level.
 
     python test.py --opt options/test.json --set model_dir=runs/oscar/final --set datasets='["datasets/kodak"]'
     bash scripts/test.sh [options.json] [--set ...]
 
-For each level, every image is compressed to a .oscar file, read back and decompressed (the real path, no
+For each level, every image is compressed to a file, read back and decompressed (the real path, no
 shortcut); rates come from the file sizes. Writes per-image and per-level CSV/JSON, reconstructions (PNG),
 rate-distortion plots and BD-rates under <output_root>/<name>/ (see utils/evaluation.py), and prints the
 per-level table. Metrics whose weights are missing under TORCH_HOME stop the run before any work, naming the
@@ -20,7 +20,7 @@ from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.evaluation.evaluate import evaluate, format_table
 from utils.evaluation.metrics import METRICS, MetricSuite
-from models.oscar.options import EvalOptions
+from utils.evaluation.options import EvalOptions
 from utils.options import add_option_arguments, options_from_args, save_options
 
 
@@ -40,14 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(options.runtime.device)
     # Metric weights are checked first: a missing file stops the run before the model is even loaded.
     suite = MetricSuite(options.metrics, device=device, skip_missing=options.skip_missing_metrics)
-    from models.oscar.model import OSCARModel
+    from models.registry import load_codec  # after the metric check: loading a model takes seconds
 
-    overrides = {"latent_norms": options.latent_norms} if options.latent_norms else None
-    model = OSCARModel.from_pretrained(options.model_dir, zoo_path=options.model_zoo, device=device, overrides=overrides)
-    if options.fast_inference:
-        from models.oscar.fast_inference import prepare_for_inference
-
-        prepare_for_inference(model, options.runtime.precision, fast_encoder=False)
+    model = load_codec(
+        options.model_dir, options.model_zoo, str(device), fast=options.fast_inference,
+        precision=options.runtime.precision, overrides=options.model_overrides or None,
+    )
     anchors = options.anchors
     if anchors and not Path(anchors).is_file() and (REPO_ROOT / anchors).is_file():
         anchors = str(REPO_ROOT / anchors)  # the shipped file, when run from another folder

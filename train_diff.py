@@ -1,6 +1,6 @@
 """Stage 2 of OSCAR: one LoRA-fine-tuned SD-2.1 UNet that decodes every bit-rate in one step.
 
-    python train_diff.py --opt options/train_diff.json
+    python train_diff.py --opt options/oscar/train_diff.json
     python train_diff.py --opt ... --resume latest                 # continue an interrupted run
     accelerate launch --multi_gpu --num_processes 8 train_diff.py --opt ...
     bash scripts/train.sh [options.json] [--set ...]
@@ -28,7 +28,7 @@ from models.oscar.discriminator import LatentDiscriminator, discriminator_loss, 
 from models.oscar.hyper_encoder import HyperEncoder
 from models.oscar.losses import ReconstructionLoss
 from models.oscar.model import OSCARModel
-from utils.codec import measure_index_counts
+from models.oscar.priors import measure_index_counts
 from utils.data import ImageFolderDataset, ValidationImages, make_dataloader
 from utils.device import resolve_dtype
 from utils.errors import UserError, exit_on_user_error
@@ -36,29 +36,26 @@ from utils.image_io import save_png
 from models.blocks.model_zoo import check_zoo, load_sd_components
 from models.oscar.options import Stage2Options
 from utils.options import add_option_arguments, options_from_args
-from utils.training import (
-    CheckpointManager,
-    ModuleCheckpoint,
-    ResumableBatches,
-    RunDir,
-    TrainState,
-    build_lr_scheduler,
-    build_optimizer,
-    count_parameters,
-    derived_generator,
-    enable_gradient_checkpointing,
+from utils.training.accelerator import make_accelerator
+from utils.training.batches import ResumableBatches, derived_generator
+from utils.training.checkpoints import CheckpointManager, ModuleCheckpoint, TrainState, register_checkpoint_modules
+from utils.training.cli import (
     add_training_arguments,
     configure_logging,
     epochs_for,
     finish_run,
     log_training_summary,
-    make_accelerator,
-    optimizer_step,
-    register_checkpoint_modules,
-    resolve_resume,
-    run_training_loop,
     start_or_resume,
 )
+from utils.training.loop import run_training_loop
+from utils.training.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    count_parameters,
+    enable_gradient_checkpointing,
+    optimizer_step,
+)
+from utils.training.run_dir import RunDir, resolve_resume
 from utils.weights import check_weights
 
 log = logging.getLogger("train_diff")
@@ -68,7 +65,7 @@ PRIOR_PATCHES = 256  # training crops on which the exported model's codebook-usa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_option_arguments(parser, default_opt="options/train_diff.json")
+    add_option_arguments(parser, default_opt="options/oscar/train_diff.json")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Stage 1 of OSCAR: train the hyper-encoder of one bit-rate on the frozen SD-2.1 VAE.
 
-    python train_hyper_enc.py --opt options/train_hyper_enc.json --set bpp=0.0019 --set name=hyper_enc_0.0019
+    python train_hyper_enc.py --opt options/oscar/train_hyper_enc.json --set bpp=0.0019 --set name=hyper_enc_0.0019
     python train_hyper_enc.py --opt ... --resume latest            # continue an interrupted run
     accelerate launch --multi_gpu --num_processes 4 train_hyper_enc.py --opt ...
     bash scripts/train_hyper_enc.sh                                # all eight levels, one run each
@@ -33,28 +33,26 @@ from models.blocks.model_zoo import check_zoo, load_sd_components
 from models.oscar.options import Stage1Options
 from utils.options import add_option_arguments, options_from_args
 from models.blocks.padding import pad_to_multiple
-from utils.training import (
-    CheckpointManager,
-    ResumableBatches,
-    RunDir,
-    TrainState,
-    build_lr_scheduler,
-    build_optimizer,
-    count_parameters,
-    derived_generator,
-    enable_gradient_checkpointing,
+from utils.training.accelerator import make_accelerator
+from utils.training.batches import ResumableBatches, derived_generator
+from utils.training.checkpoints import CheckpointManager, TrainState, register_checkpoint_modules
+from utils.training.cli import (
     add_training_arguments,
     configure_logging,
     epochs_for,
     finish_run,
     log_training_summary,
-    make_accelerator,
-    optimizer_step,
-    register_checkpoint_modules,
-    resolve_resume,
-    run_training_loop,
     start_or_resume,
 )
+from utils.training.loop import run_training_loop
+from utils.training.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    count_parameters,
+    enable_gradient_checkpointing,
+    optimizer_step,
+)
+from utils.training.run_dir import RunDir, resolve_resume
 
 log = logging.getLogger("train_hyper_enc")
 METRICS_FILE = "metrics.jsonl"  # under logs/: every logged value, readable without tensorboard
@@ -62,7 +60,7 @@ METRICS_FILE = "metrics.jsonl"  # under logs/: every logged value, readable with
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_option_arguments(parser, default_opt="options/train_hyper_enc.json")
+    add_option_arguments(parser, default_opt="options/oscar/train_hyper_enc.json")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 

@@ -1,22 +1,32 @@
-"""Latency, memory, FLOPs and quality of OSCAR's encoder and decoder on random weights, per stage.
+"""Latency, memory, FLOPs and quality of a codec method's encoder and decoder on random weights, per stage.
 
-    python scripts/benchmark.py --preset tiny --out docs/benchmarks.json --markdown docs/benchmarks.md
+    python scripts/benchmark.py --method oscar --preset tiny --out docs/benchmarks.json --markdown docs/benchmarks.md
     python scripts/benchmark.py --preset sd21 --sizes 768x512 2048x1365 --precision bf16     # on a GPU
     OMP_NUM_THREADS=2 python scripts/benchmark.py --preset sd21 --sizes 512x512 --repeats 1 --warmup 0   # CPU
 
-The model is built in memory with seeded random weights (``tiny``: the test architecture with small
-hyper-encoders; ``sd21``: the real SD-2.1 UNet and VAE with the release's model options), so no zoo is needed;
-LoRA B matrices are drawn at random (peft starts them at zero) so that merging has something to merge. Latency
-does not depend on the weights' values; the quality guard (PSNR of the fast path against the fp32 reference for
-the same indices) does, mildly.
+The model is built in memory by the method itself (``CodecMethod.random_preset``: seeded random weights on a
+preset architecture, e.g. OSCAR's ``tiny`` and ``sd21``), so no zoo or export is needed. Latency does not
+depend on the weights' values; the quality guard does, mildly. Everything else goes through the
+``CodecMethod`` interface only, so every registered method is measured the same way:
 
-For every size (WxH), precision and level: end-to-end encode (image on the device -> ``.oscar`` bytes) and
-decode (bytes -> image on the device) latency, median and spread over ``--repeats`` runs after ``--warmup``
-runs; the same inputs timed stage by stage (VAE encoder, hyper-encoder analysis+VQ, entropy coding, entropy
-decoding, hyper-decoder, UNet, VAE decoder); peak memory per run (CUDA: max allocated; CPU: peak RSS, reset per
-run through /proc/self/clear_refs); FLOPs per stage (torch.utils.flop_counter) and the fraction of the
-machine's peak. Results go to stdout, optionally to a JSON file (runs appended) and a markdown section
-appended to ``--markdown``.
+* end to end: ``model.compress(image, level)`` (image on the device -> file bytes) and ``model.decompress(bytes)``
+  (bytes -> image on the device), median and spread over ``--repeats`` runs after ``--warmup`` runs, with the
+  peak memory of each run (CUDA: max allocated; CPU: peak RSS, reset per run through /proc/self/clear_refs);
+* per stage: the method's own split, ``model.encode_stages(level)`` then ``model.decode_stages()``; each
+  ``stage.run`` is timed on its own, on the previous stage's real output (the inputs the codec itself sees), and
+  its FLOPs are counted (torch.utils.flop_counter; not for entropy stages) with the fraction of the machine's
+  peak. Columns are named by the stages (``stage.label``), so the table follows whatever the method splits;
+* entropy coding: the file's bytes per second of the entropy stages (file bytes / their median time, per
+  side). Version 1 of this script reported OSCAR's index symbols per second (and a synthetic rANS run); symbols
+  are method-specific, bytes are not;
+* quality guard (``--quality``): the fp32 reference model (no ``prepare_for_inference``) writes a file and
+  decodes it; the measured model decodes that same file (decoder PSNR) and its own file (end-to-end PSNR), both
+  against the reference decode. PSNR is 8-bit RGB (``utils.evaluation.metrics.psnr_uint8`` on the quantized
+  images, the project's one PSNR), where version 1 used a float PSNR on the [0, 1] scale; ``same file`` says
+  whether the fast encoder wrote the reference's bytes.
+
+Results go to stdout, optionally to a JSON file (runs appended) and a markdown section appended to
+``--markdown``. The targets of the issue (H200-class GPU, bf16, OSCAR sd21) are checked only on a GPU.
 """
 
 from __future__ import annotations
@@ -40,72 +50,58 @@ from typing import Any
 
 import torch
 
-from models.oscar.coded_image import CodedImage
-from models.blocks.index_coder import measure_throughput
-from models.oscar.fast_inference import compile_for_inference, inference_precision_default, prepare_for_inference
-from models.oscar.latent_norms import dequantize_rms, rescale_to_rms
-from models.oscar.model import OSCARModel
-from models.oscar.bitstream import read_bitstream, write_bitstream
-from utils.codec import codec_info, compress, decompress
+from models.blocks.codec_method import CodecMethod
+from models.registry import METHODS, method_class
 from utils.device import resolve_device, resolve_dtype
 from utils.errors import exit_on_user_error
-from models.blocks.model_zoo import PRESETS, SD21_VAE, build_sd_components
-from models.oscar.options import HyperEncoderOptions, ModelOptions
-from models.blocks.padding import pad_to_multiple
+from utils.evaluation.metrics import psnr_uint8, quantize
 
-SCHEMA = "oscar-benchmark/1"
+SCHEMA = "codec-benchmark/2"  # 1: OSCAR only (fixed stage names, index symbols/s, index agreement, float PSNR)
+LEGACY_SCHEMAS = ("oscar-benchmark/1",)
 ALL_SIZES = ("512x512", "768x512", "2048x1365")
-# The tiny preset's OSCAR: the same options as scripts/make_model_zoo.py's TINY_MODEL (small hyper-encoders).
-TINY_OPTIONS = ModelOptions(
-    hyper_encoder=HyperEncoderOptions(channels=32, hyper_dim=64, codebook_dim=16), lora_rank=4, lora_alpha=2.0
-)
-LORA_B_STD = 0.01
+DEFAULT_METHOD = "oscar"
+SMALL_PRESET = "tiny"  # every other preset is full size: slow on a CPU
 # Dense bf16/fp16 tensor throughput measured on an H200 (../shared/reference/sd21_configs.md); H100 is close.
 HOPPER_PEAK_TFLOPS = 790.0
-ENCODE_STAGES = ("vae_encoder", "hyper_encoder", "entropy_encode")
-DECODE_STAGES = ("entropy_decode", "hyper_decoder", "unet", "vae_decoder")
-STAGE_LABELS = {
-    "vae_encoder": "VAE enc",
-    "hyper_encoder": "hyper-enc",
-    "entropy_encode": "EC enc",
-    "entropy_decode": "EC dec",
-    "hyper_decoder": "hyper-dec",
-    "unet": "UNet",
-    "vae_decoder": "VAE dec",
+# Targets of the issue (H200-class GPU, bf16) per (method, preset): (what, WxH, limit, unit); only checked on a GPU.
+TARGETS: dict[tuple[str, str], tuple[tuple[str, tuple[int, int], float, str], ...]] = {
+    ("oscar", "sd21"): (
+        ("decode latency", (768, 512), 15.0, "ms"),
+        ("encode latency", (768, 512), 8.0, "ms"),
+        ("decode peak memory", (2048, 1365), 6.0, "GB"),
+    ),
 }
-# Targets (H200-class GPU, bf16, sd21); only checked on a GPU.
-TARGET_DECODE_MS_768x512 = 15.0
-TARGET_ENCODE_MS_768x512 = 8.0
-TARGET_PEAK_BYTES_2048x1365 = 6e9
+TARGET_PRECISION = "bf16"
 
-MARKDOWN_HEADER = """# OSCAR benchmarks
+MARKDOWN_HEADER = """# Codec benchmarks
 
-Sections are appended by `scripts/benchmark.py` (newest last), each with the machine and the exact command.
-Weights are random (seeded): latency, memory and FLOPs are those of the real architecture; quality numbers
-only compare the fast path with the fp32 reference on the same weights (they say nothing about image quality).
+Sections are appended by `scripts/benchmark.py` (newest last), each with the method, the machine and the exact
+command. Weights are random (seeded): latency, memory and FLOPs are those of the real architecture; quality
+numbers only compare the fast path with the fp32 reference on the same weights (they say nothing about image
+quality).
 
 Fields of the tables:
 
-* **size**: image width x height in pixels ("tiled": the VAE runs in 768-pixel tiles, as `vae_tiling` "auto"
-  decides; the tiny preset uses SD-2.1's tile size too); **prec**: precision of the VAE and UNet (hyper-encoders
-  are fp32);
-  **lvl**: rate level (its nominal bpp at 512x512 in parentheses).
+* **size**: image width x height in pixels; **prec**: the precision given to the method's
+  `prepare_for_inference` (which parts it converts is the method's choice, see the section's inference setup);
+  **lvl**: rate level (the rate it is named after, in bpp, in parentheses).
 * **encode / decode ms**: end-to-end latency, median [min-max] over the timed runs (after warm-up runs).
-  Encode = image tensor on the device -> `.oscar` bytes; decode = bytes -> image tensor on the device.
-  CUDA timings are synchronised.
-* **stage columns** (ms, median): each stage timed on its own with the same inputs: VAE encoder, hyper-encoder
-  (analysis + VQ), entropy coding (EC enc, the whole bitstream write), entropy decoding (EC dec), hyper-decoder,
-  UNet (one pass + x0), VAE decoder (+ clamp). Their sum differs from the end-to-end figure by glue
-  (padding, latent norms, copies) and noise.
+  Encode = `model.compress` (image tensor on the device -> file bytes); decode = `model.decompress` (bytes ->
+  image tensor on the device). CUDA timings are synchronised.
+* **stage columns** (ms, median): the method's own stages (`encode_stages` then `decode_stages`, named in each
+  section), each timed on its own on the previous stage's output. The stages compose to compress/decompress,
+  so their sum differs from the end-to-end figure only by noise and the interface's argument checks.
+* **file B**: the file's size in bytes; **entropy MB/s**: file bytes / median time of the entropy stages, encode
+  / decode.
 * **peak mem**: highest peak over the timed runs, encode / decode. CUDA: `torch.cuda.max_memory_allocated`
   (includes the resident weights); CPU: peak resident set size of the whole process (weights, Python, torch),
   reset before each run.
-* **TFLOP**: FLOPs (2 x multiply-adds, `torch.utils.flop_counter`) of the encode (VAE enc + hyper-enc) and
-  decode (hyper-dec + UNet + VAE dec) passes. **dec TFLOP/s**: decode FLOPs / median decode time, and the
-  fraction of the machine's peak when one is known (`--peak-tflops`; default 790 for bf16/fp16 on H100/H200,
-  unknown otherwise, e.g. on CPUs).
-* **PSNR**: fast path vs the fp32 reference decode of the same indices, on the [0, 1] scale ("=" identical);
-  **idx**: share of indices that the fast path's encoder gives identically to the fp32 reference encoder.
+* **TFLOP**: FLOPs (2 x multiply-adds, `torch.utils.flop_counter`) of the encode and decode stages (entropy
+  stages excluded). **dec TFLOP/s**: decode FLOPs / median decode time, and the fraction of the machine's peak
+  when one is known (`--peak-tflops`; default 790 for bf16/fp16 on H100/H200, unknown otherwise, e.g. on CPUs).
+* **PSNR dB dec / e2e**: 8-bit RGB PSNR against the fp32 reference's decode of its own file: the measured
+  model decoding that same file (dec) and decoding its own file (e2e); "=" identical. **same file**: whether
+  the measured model's encoder wrote the reference's bytes.
 """
 
 
@@ -125,26 +121,35 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    presets = "; ".join(f"{name}: {', '.join(cls.presets) or 'none'}" for name, cls in sorted(METHODS.items()))
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="tiny", help="architecture, built with random weights"
+        "--method",
+        choices=sorted(METHODS),
+        default=DEFAULT_METHOD if DEFAULT_METHOD in METHODS else None,
+        help=f"registered codec method to build (default: {DEFAULT_METHOD})",
+    )
+    parser.add_argument(
+        "--preset", default=SMALL_PRESET, help=f"the method's architecture, built with random weights ({presets})"
     )
     parser.add_argument(
         "--sizes",
         nargs="+",
         type=parse_size,
         metavar="WxH",
-        help=f"image sizes (default: {' '.join(ALL_SIZES)}; only 512x512 for sd21 on a CPU)",
+        help=f"image sizes (default: {' '.join(ALL_SIZES)}; only 512x512 for a full-size preset on a CPU)",
     )
     parser.add_argument(
         "--precision",
         nargs="+",
         choices=("fp32", "bf16", "fp16"),
-        help="VAE/UNet precisions (default: bf16 on CUDA with bf16, else fp32)",
+        help="precisions for prepare_for_inference (default: bf16 on CUDA with bf16, else fp32)",
     )
     parser.add_argument("--levels", nargs="+", type=int, help="rate levels (default: the lowest and the highest)")
-    parser.add_argument("--repeats", type=int, help="timed runs (default: 20 on CUDA; on CPU 5 for tiny, 1 for sd21)")
     parser.add_argument(
-        "--warmup", type=int, help="untimed runs first (default: 3 on CUDA; on CPU 1 for tiny, 0 for sd21)"
+        "--repeats", type=int, help="timed runs (default: 20 on CUDA; on CPU 5 for tiny, 1 for full-size presets)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="untimed runs first (default: 3 on CUDA; on CPU 1 for tiny, 0 for full-size presets)"
     )
     parser.add_argument(
         "--budget-s",
@@ -155,9 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fast",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="models/fast_inference.prepare_for_inference (merged LoRA, channels_last, SDPA); --no-fast only casts",
+        help="the method's prepare_for_inference (e.g. OSCAR: merged LoRA, channels_last, SDPA); "
+        "--no-fast only casts the reference path to the precision",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (with --fast)")
+    parser.add_argument(
+        "--compile", action="store_true", help="pass compile=True to prepare_for_inference (with --fast)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--peak-tflops", type=float, help="the machine's peak TFLOP/s for the fraction-of-peak column")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True, help="count FLOPs per stage")
@@ -165,27 +173,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quality",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="decode with the fp32 reference too and report PSNR of the fast path against it",
+        help="code with the fp32 reference too and report PSNR of the measured model against it",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="JSON", help="JSON file; this run is appended to its list of runs")
     parser.add_argument("--markdown", metavar="MD", help="markdown file; a section for this run is appended")
     args = parser.parse_args(argv)
+    if args.method is None:
+        parser.error("--method is required (no default method is registered)")
+    known = method_class(args.method).presets
+    if args.preset not in known:
+        parser.error(
+            f"--preset {args.preset!r}: method {args.method!r} has "
+            + (f"the presets {', '.join(known)}" if known else "no random-weight presets")
+        )
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be non-negative")
+    if args.compile and not args.fast:
+        parser.error("--compile needs the fast path (drop --no-fast)")
     return args
 
 
+def default_precision(device: torch.device) -> str:
+    """``bf16`` on a CUDA device with native bf16 (compute capability >= 8.0), else ``fp32``.
+
+    bf16 rather than fp16: it has fp32's exponent range (SD's VAE decoder can overflow fp16). CPUs stay at fp32:
+    bf16 convolutions are emulated on most CPUs and are then slower, not faster.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "fp32"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "bf16" if torch.cuda.get_device_capability(index)[0] >= 8 else "fp32"
+
+
 def apply_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
-    """Defaults that depend on the machine: sd21 on a CPU takes tens of seconds per decode."""
+    """Defaults that depend on the machine: a full-size preset on a CPU takes tens of seconds per decode."""
     cuda = device.type == "cuda"
-    slow = not cuda and args.preset == "sd21"
+    slow = not cuda and args.preset != SMALL_PRESET
     if args.sizes is None:
         args.sizes = [parse_size(s) for s in (("512x512",) if slow else ALL_SIZES)]
     if args.precision is None:
-        args.precision = [inference_precision_default(device)]
+        args.precision = [default_precision(device)]
     if args.repeats is None:
         args.repeats = 20 if cuda else (1 if slow else 5)
     if args.warmup is None:
@@ -396,39 +426,18 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     return int(counter.get_total_flops()), out
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR on the [0, 1] scale of two images in [-1, 1] (inf when identical)."""
-    mse = ((a.float().cpu() - b.float().cpu()) / 2).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
+    """8-bit RGB PSNR (dB) of two images in [-1, 1], quantized as a PNG of them holds them; inf when identical."""
+    return psnr_uint8(quantize(a.detach().cpu()), quantize(b.detach().cpu()))
 
 
 # ------------------------------------------------------------------------------------------------ model
 
 
-def build_model(preset: str, seed: int) -> OSCARModel:
-    """OSCAR on the preset's architecture with seeded random weights, fp32 on the CPU."""
-    options = TINY_OPTIONS if preset == "tiny" else ModelOptions()
-    torch.manual_seed(seed)
-    model = OSCARModel(build_sd_components(preset, seed=seed), options).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: the adapters would be a no-op
-                p.copy_(torch.randn(p.shape, generator=g) * LORA_B_STD)
-    if preset == "tiny":
-        use_sd21_tiles(model.vae)
-    return model.requires_grad_(False)
-
-
-def use_sd21_tiles(vae: torch.nn.Module) -> None:
-    """Tile the tiny VAE like SD-2.1's (768-pixel tiles) instead of by its own sample_size (64 pixels).
-
-    diffusers sizes tiles by ``config.sample_size``; the tiny zoo's 64 would cut a 2048x1365 image into 1,247
-    tiles and time diffusers' Python loop rather than anything SD-2.1 does (12 tiles).
-    """
-    tile = SD21_VAE["sample_size"]
-    vae.tile_sample_min_size = tile
-    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+def build_model(method: str, preset: str, seed: int) -> CodecMethod:
+    """The method's own random-weight preset (fp32 on the CPU, gradients off)."""
+    model = method_class(method).random_preset(preset, seed=seed)
+    return model.eval().requires_grad_(False)
 
 
 def synthetic_image(width: int, height: int, seed: int) -> torch.Tensor:
@@ -442,23 +451,32 @@ def synthetic_image(width: int, height: int, seed: int) -> torch.Tensor:
     )
 
 
-def parameter_counts(model: OSCARModel) -> dict[str, int]:
-    lora = sum(p.numel() for n, p in model.unet.named_parameters() if "lora_" in n)
-    return {
-        "unet": sum(p.numel() for p in model.unet.parameters()) - lora,
-        "unet_lora": lora,
-        "vae": sum(p.numel() for p in model.vae.parameters()),
-        "hyper_encoders": sum(p.numel() for p in model.hyper_encoders.parameters()),
-    }
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per top-level submodule (``other``: the model's own tensors), LoRA (peft ``lora_*``) and total."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    if own:
+        counts["other"] = own
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    if lora:
+        counts["lora (included above)"] = lora
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
 
 
-def convert(model: OSCARModel, precision: str, device: torch.device, fast: bool) -> OSCARModel:
+def convert(model: CodecMethod, precision: str, device: torch.device, fast: bool, compile: bool = False) -> CodecMethod:
+    """The model on ``device``, converted by its ``prepare_for_inference`` (``fast``) or only cast to ``precision``.
+
+    Without ``fast`` the reference path stays as it is (fp32) or is cast with ``nn.Module.to`` after freezing the
+    file identity, so that it still reads the reference's files.
+    """
     model.to(device)
     if fast:
-        return prepare_for_inference(model, precision)
+        return model.prepare_for_inference(precision, fast_encoder=True, **({"compile": True} if compile else {}))
+    model.freeze_fingerprint()
     dtype = resolve_dtype(precision, device)
-    torch.nn.Module.to(model.unet, dtype=dtype)  # (diffusers' ModelMixin.to logs a warning on every cast)
-    torch.nn.Module.to(model.vae, dtype=dtype)
+    if dtype != torch.float32:
+        model.to(dtype=dtype)
     return model
 
 
@@ -466,68 +484,53 @@ def convert(model: OSCARModel, precision: str, device: torch.device, fast: bool)
 
 
 def run_stages(
-    model: OSCARModel,
-    x: torch.Tensor,
+    model: CodecMethod,
+    image: torch.Tensor,
     level: int,
-    data: bytes,
     flop_cache: dict[tuple[Any, ...], int] | None,
     timing: tuple[torch.device, int, int, None, float | None] | None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the seven stages in order, each on the previous stage's output (the inputs the codec itself sees).
+    """Run the method's encode stages, then its decode stages, each on the previous stage's output.
 
-    ``flop_cache``: count the FLOPs of each stage not counted yet (one extra call; FLOPs depend only on the
-    padded size, and for the hyper-encoder/decoder on the level). ``timing``: time each stage
-    (the arguments of :func:`time_call` after ``fn``). Returns the timing statistics per stage.
+    The stages are ``model.encode_stages(level) + model.decode_stages()``: the image goes in, the file's bytes
+    come out of the last encode stage and go into the first decode stage. ``flop_cache``: count the FLOPs of
+    each non-entropy stage not counted yet for this size and level (one extra call). ``timing``: time each stage
+    (the arguments of :func:`time_call` after ``fn``). Returns per stage name its label, side, entropy flag and
+    (with ``timing``) the timing statistics, in the order the stages ran.
     """
-    info = codec_info(model)
-    device = model.device
-    hyper = model.hyper_encoders[level]
-    padded = pad_to_multiple(x, model.rate_points[level].pixel_stride)
+    height, width = int(image.shape[-2]), int(image.shape[-1])
     stats: dict[str, dict[str, Any]] = {}
+    value: Any = image
+    for stage in [*model.encode_stages(level), *model.decode_stages()]:
+        if stage.name in stats:
+            raise ValueError(f"stage name {stage.name!r} is used twice by method {model.method_name!r}")
+        stats[stage.name] = {"label": stage.label, "side": stage.side, "entropy": stage.entropy}
 
-    def run(name: str, fn: Callable[[], Any]) -> Any:
+        def fn(stage: Any = stage, value: Any = value) -> Any:
+            return stage.run(value)
+
         out = None
-        key = (name, tuple(padded.shape), level if name.startswith("hyper") else None)
-        if flop_cache is not None and not name.startswith("entropy") and key not in flop_cache:
+        key = (stage.name, width, height, level)
+        if flop_cache is not None and not stage.entropy and key not in flop_cache:
             flop_cache[key], out = count_flops(fn)
         if timing is not None:
-            stats[name], out = time_call(fn, *timing)
+            timed, out = time_call(fn, *timing)
+            stats[stage.name].update(timed)
         elif out is None:
             with torch.no_grad():
                 out = fn()
-        return out
-
-    z = run("vae_encoder", lambda: model.image_to_latent(padded)).float()
-    run("hyper_encoder", lambda: hyper.encode(z))
-    coded = read_bitstream(data, info)
-    run("entropy_encode", lambda: write_bitstream(coded, info))
-    decoded = run("entropy_decode", lambda: read_bitstream(data, info))
-    indices = decoded.indices.to(device)[None]
-    target = None
-    if decoded.norm_codes is not None:
-        codes = torch.tensor(decoded.norm_codes, device=device)[None]
-        target = dequantize_rms(codes, model.config.norm_bits)
-
-    def hyper_decode() -> torch.Tensor:
-        latent_hat = hyper.decode(indices).float()
-        return latent_hat if target is None else rescale_to_rms(latent_hat, target)
-
-    latent_hat = run("hyper_decoder", hyper_decode)
-    x0 = run("unet", lambda: model.denoise(latent_hat, level))
-    run("vae_decoder", lambda: model.latent_to_image(x0))
+        value = out
     return stats
 
 
 def stage_flops(
-    model: OSCARModel, x: torch.Tensor, level: int, flop_cache: dict[tuple[Any, ...], int]
+    stages: dict[str, dict[str, Any]], width: int, height: int, level: int, flop_cache: dict[tuple[Any, ...], int]
 ) -> dict[str, int]:
-    shape = tuple(pad_to_multiple(x, model.rate_points[level].pixel_stride).shape)
-    names = ("vae_encoder", "hyper_encoder", "hyper_decoder", "unet", "vae_decoder")
-    return {n: flop_cache[(n, shape, level if n.startswith("hyper") else None)] for n in names}
+    return {n: flop_cache[(n, width, height, level)] for n, s in stages.items() if not s["entropy"]}
 
 
 def measure_row(
-    model: OSCARModel,
+    model: CodecMethod,
     image: torch.Tensor,
     level: int,
     args: argparse.Namespace,
@@ -535,55 +538,73 @@ def measure_row(
     memory: PeakMemory,
     flop_cache: dict[tuple[Any, ...], int],
 ) -> tuple[dict[str, Any], bytes, torch.Tensor]:
-    """End-to-end and per-stage figures for one image size, precision and level (+ the bytes and the decode)."""
+    """End-to-end and per-stage figures for one image size, precision and level (+ the file and its decode)."""
     x = image.to(device)
+    height, width = int(x.shape[-2]), int(x.shape[-1])
     row: dict[str, Any] = {}
     timing = (device, args.repeats, args.warmup)
-    row["encode"], data = time_call(lambda: compress(model, x, level), *timing, memory, args.budget_s)
-    row["decode"], y = time_call(lambda: decompress(model, data), *timing, memory, args.budget_s)
+    row["encode"], data = time_call(lambda: model.compress(x, level), *timing, memory, args.budget_s)
+    row["decode"], y = time_call(lambda: model.decompress(data), *timing, memory, args.budget_s)
     timing = (device, args.repeats, args.warmup, None, args.budget_s)
-    row["stages"] = run_stages(model, x, level, data, flop_cache if args.flops else None, timing)
+    row["stages"] = stages = run_stages(model, x, level, flop_cache if args.flops else None, timing)
     if args.flops:
-        row["flops"] = stage_flops(model, x, level, flop_cache)
-    for side, names in (("encode", ENCODE_STAGES), ("decode", DECODE_STAGES)):
-        row[side]["stage_sum_ms"] = sum(row["stages"][n]["median_ms"] for n in names)
+        row["flops"] = stage_flops(stages, width, height, level, flop_cache)
     row["bytes"] = len(data)
-    row["symbols"] = int(read_bitstream(data, codec_info(model)).indices.numel())
-    ec, dc = row["stages"]["entropy_encode"]["median_ms"], row["stages"]["entropy_decode"]["median_ms"]
-    row["entropy_symbols_per_s"] = {
-        "encode": row["symbols"] / (ec / 1e3) if ec > 0 else None,
-        "decode": row["symbols"] / (dc / 1e3) if dc > 0 else None,
-    }
+    row["bpp"] = 8 * len(data) / (width * height)
+    row["entropy_ms"], row["entropy_bytes_per_s"] = {}, {}
+    for side in ("encode", "decode"):
+        on_side = [s for s in stages.values() if s["side"] == side]
+        row[side]["stage_sum_ms"] = sum(s["median_ms"] for s in on_side)
+        entropy = [s["median_ms"] for s in on_side if s["entropy"]]
+        ms = sum(entropy) if entropy else None
+        row["entropy_ms"][side] = ms
+        row["entropy_bytes_per_s"][side] = len(data) / (ms / 1e3) if ms else None
     return row, data, y
 
 
 def fill_flop_cache(
-    model: OSCARModel,
+    model: CodecMethod,
     images: dict[tuple[int, int], torch.Tensor],
     levels: list[int],
     device: torch.device,
     cache: dict[tuple[Any, ...], int],
 ) -> None:
-    """Count every stage's FLOPs eagerly (before torch.compile, which would hide the operations)."""
+    """Count every stage's FLOPs on an uncompiled model (torch.compile would hide the operations)."""
     for image in images.values():
-        x = image.to(device)
         for level in levels:
-            with torch.no_grad():
-                data = compress(model, x, level)
-            run_stages(model, x, level, data, cache, timing=None)
+            run_stages(model, image.to(device), level, cache, timing=None)
 
 
 def add_flop_rates(row: dict[str, Any], peak_tflops: float | None) -> None:
     if "flops" not in row:
         return
-    f = row["flops"]
-    row["encode_flops"] = f["vae_encoder"] + f["hyper_encoder"]
-    row["decode_flops"] = f["hyper_decoder"] + f["unet"] + f["vae_decoder"]
     row["peak_tflops"] = peak_tflops
     for side in ("encode", "decode"):
-        tflops = row[f"{side}_flops"] / (row[side]["median_ms"] / 1e3) / 1e12
+        flops = sum(f for name, f in row["flops"].items() if row["stages"][name]["side"] == side)
+        row[f"{side}_flops"] = flops
+        tflops = flops / (row[side]["median_ms"] / 1e3) / 1e12
         row[side]["achieved_tflops"] = tflops
         row[side]["fraction_of_peak"] = tflops / peak_tflops if peak_tflops else None
+
+
+def quality_guard(model: CodecMethod, reference: tuple[bytes, torch.Tensor], data: bytes, y: torch.Tensor) -> dict[str, Any]:
+    """8-bit PSNR of the model's decodes against the fp32 reference's decode of the reference's own file.
+
+    ``psnr_db``: the model decoding the reference's file (the decoder alone); ``end_to_end_psnr_db``: the model's
+    own file and decode (``data``/``y``, encoder included). When the files are equal ``y`` is already the decode
+    of the reference's file and no extra decode is run (a CPU sd21 decode takes ~30 s).
+    """
+    ref_data, y_ref = reference
+    same_file = data == ref_data
+    y_dec = y if same_file else model.decompress(ref_data)
+    decoder, end_to_end = psnr_8bit(y_dec, y_ref), psnr_8bit(y, y_ref)
+    return {
+        "psnr_db": None if math.isinf(decoder) else decoder,
+        "identical": math.isinf(decoder),
+        "end_to_end_psnr_db": None if math.isinf(end_to_end) else end_to_end,
+        "end_to_end_identical": math.isinf(end_to_end),
+        "same_file": same_file,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -599,10 +620,32 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def fmt_rate(bytes_per_s: float | None) -> str:
+    return "-" if bytes_per_s is None else f"{bytes_per_s / 1e6:.3g}"
+
+
+def run_stage_list(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stages of the run's rows in the order they ran (a union: a method may split levels differently)."""
+    stages: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for name, s in row["stages"].items():
+            stages.setdefault(name, {"name": name, "label": s["label"], "side": s["side"], "entropy": s["entropy"]})
+    return list(stages.values())
+
+
+def describe_stages(stages: list[dict[str, Any]]) -> str:
+    sides = []
+    for side in ("encode", "decode"):
+        names = [f"{s['label']} (`{s['name']}`{', entropy' if s['entropy'] else ''})" for s in stages if s["side"] == side]
+        sides.append(f"{side} " + " -> ".join(names))
+    return "; ".join(sides)
+
+
 def markdown_section(result: dict[str, Any]) -> str:
-    s, ec = result["settings"], result["entropy_coder"]
+    s = result["settings"]
+    stages = result["stages"]
     lines = [
-        f"\n## {result['timestamp']} · preset {s['preset']} · {result['machine']['device']}\n",
+        f"\n## {result['timestamp']} · {s['method']} preset {s['preset']} · {result['machine']['device']}\n",
         f"* machine: {describe_machine(result['machine'])}",
         f"* command: `{result['command']}`",
         (
@@ -612,20 +655,18 @@ def markdown_section(result: dict[str, Any]) -> str:
             f"{'on' if s['fast'] else 'off'}{' + torch.compile' if s['compile'] else ''}; "
             f"peak memory: {s['peak_memory_kind']}"
         ),
-        (
-            f"* entropy coder (rANS, {ec['symbols']:.0f} symbols, K=256): {ec['encode_symbols_per_s'] / 1e6:.2f} M "
-            f"symbols/s encode, {ec['decode_symbols_per_s'] / 1e6:.2f} M symbols/s decode (with its re-encode check)"
-        ),
+        f"* inference setup: {json.dumps(s['inference_setup'], sort_keys=True)}",
+        f"* stages: {describe_stages(stages)}",
         "",
     ]
-    stages = [STAGE_LABELS[n] for n in ENCODE_STAGES + DECODE_STAGES]
-    header = ["size", "prec", "lvl", "encode ms", "decode ms", *stages, "peak mem enc / dec", "TFLOP enc / dec",
-              "dec TFLOP/s (% peak)", "PSNR dB", "idx"]  # fmt: skip
+    header = ["size", "prec", "lvl", "encode ms", "decode ms", *(st["label"] for st in stages), "file B",
+              "entropy MB/s enc / dec", "peak mem enc / dec", "TFLOP enc / dec", "dec TFLOP/s (% peak)",
+              "PSNR dB dec / e2e", "same file"]  # fmt: skip
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for r in result["rows"]:
         enc, dec = r["encode"], r["decode"]
-        stage_ms = [fmt_ms(r["stages"][n]["median_ms"]) for n in ENCODE_STAGES + DECODE_STAGES]
+        stage_ms = [fmt_ms(r["stages"][st["name"]]["median_ms"]) if st["name"] in r["stages"] else "-" for st in stages]
         mem = f"{fmt_bytes(max(enc['peak_memory_bytes']))} / {fmt_bytes(max(dec['peak_memory_bytes']))}"
         if "decode_flops" in r:
             tflop = f"{r['encode_flops'] / 1e12:.3g} / {r['decode_flops'] / 1e12:.3g}"
@@ -636,13 +677,20 @@ def markdown_section(result: dict[str, Any]) -> str:
         else:
             tflop = rate = "-"
         q = r.get("quality") or {}
-        quality = "-" if not q else ("=" if q["identical"] else f"{q['psnr_db']:.1f}")
-        agree = "-" if not q else f"{100 * q['index_agreement']:.2f}%"
+        if q:
+            quality = " / ".join(
+                "=" if q[f"{prefix}identical"] else f"{q[f'{prefix}psnr_db']:.1f}" for prefix in ("", "end_to_end_")
+            )
+            same = "yes" if q["same_file"] else "no"
+        else:
+            quality = same = "-"
+        ec = r["entropy_bytes_per_s"]
         cells = [
-            f"{r['width']}x{r['height']}" + (" (tiled)" if r["vae_tiling"] else ""), r["precision"], f"{r['level']} ({r['bpp_label']:g})",
+            f"{r['width']}x{r['height']}", r["precision"], f"{r['level']} ({r['bpp_label']:g})",
             f"{fmt_ms(enc['median_ms'])} [{fmt_ms(enc['min_ms'])}-{fmt_ms(enc['max_ms'])}]",
             f"{fmt_ms(dec['median_ms'])} [{fmt_ms(dec['min_ms'])}-{fmt_ms(dec['max_ms'])}]",
-            *stage_ms, mem, tflop, rate, quality, agree,
+            *stage_ms, str(r["bytes"]), f"{fmt_rate(ec['encode'])} / {fmt_rate(ec['decode'])}", mem, tflop, rate,
+            quality, same,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -661,7 +709,7 @@ def append_markdown(path: Path, section: str) -> None:
 
 
 def append_json(path: Path, result: dict[str, Any]) -> None:
-    """Keep every run: ``{"runs": [...]}``, this one appended."""
+    """Keep every run: ``{"runs": [...]}``, this one appended (each run carries its own ``schema``)."""
     runs: list[Any] = []
     if path.is_file() and path.stat().st_size:
         try:
@@ -670,7 +718,7 @@ def append_json(path: Path, result: dict[str, Any]) -> None:
             raise SystemExit(f"{path}: not valid JSON ({err}); move it away or choose another --out") from None
         if isinstance(existing, dict) and isinstance(existing.get("runs"), list):
             runs = existing["runs"]
-        elif isinstance(existing, dict) and existing.get("schema") == SCHEMA:
+        elif isinstance(existing, dict) and existing.get("schema") in (SCHEMA, *LEGACY_SCHEMAS):
             runs = [existing]
         else:
             raise SystemExit(f"{path}: not a benchmark results file; move it away or choose another --out")
@@ -679,40 +727,42 @@ def append_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps({"schema": SCHEMA, "runs": runs}, indent=1, allow_nan=False) + "\n")
 
 
+def describe_targets() -> str:
+    parts = []
+    for (method, preset), checks in TARGETS.items():
+        listed = ", ".join(f"{name} {w}x{h} <= {limit:g} {unit}" for name, (w, h), limit, unit in checks)
+        parts.append(f"{method} {preset}: {listed}")
+    return "; ".join(parts) or "none"
+
+
 def check_targets(result: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    """PASS/FAIL against the H200 targets (sd21, bf16) on a GPU; on a CPU only say that they are GPU figures."""
+    """PASS/FAIL against the targets of :data:`TARGETS` on a GPU; on a CPU only say that they are GPU figures."""
     if device.type != "cuda":
         return [{"name": "all", "status": "not checked",
-                 "line": "targets are GPU figures (H200-class, bf16, sd21: decode 768x512 <= 15 ms, encode <= 8 ms, "
-                         "2048x1365 decode peak <= 6 GB); not checked on a CPU"}]  # fmt: skip
+                 "line": f"targets are GPU figures (H200-class, {TARGET_PRECISION}; {describe_targets()}); "
+                         "not checked on a CPU"}]  # fmt: skip
+    settings = result["settings"]
+    checks = TARGETS.get((settings["method"], settings["preset"]), ())
     targets = []
     for r in result["rows"]:
-        if result["settings"]["preset"] != "sd21" or r["precision"] != "bf16":
+        if r["precision"] != TARGET_PRECISION:
             continue
-        where = f"{r['width']}x{r['height']} bf16 level {r['level']}"
-        checks = []
-        if (r["width"], r["height"]) == (768, 512):
-            checks.append(("decode latency", r["decode"]["median_ms"], TARGET_DECODE_MS_768x512, "ms"))
-            checks.append(("encode latency", r["encode"]["median_ms"], TARGET_ENCODE_MS_768x512, "ms"))
-        if (r["width"], r["height"]) == (2048, 1365):
-            peak_gb = max(r["decode"]["peak_memory_bytes"]) / 1e9
-            checks.append(("decode peak memory", peak_gb, TARGET_PEAK_BYTES_2048x1365 / 1e9, "GB"))
-        for name, value, limit, unit in checks:
+        where = f"{r['width']}x{r['height']} {r['precision']} level {r['level']}"
+        for name, size, limit, unit in checks:
+            if (r["width"], r["height"]) != size:
+                continue
+            if name == "decode peak memory":
+                value = max(r["decode"]["peak_memory_bytes"]) / 1e9
+            else:
+                value = r[name.split()[0]]["median_ms"]
             status = "PASS" if value <= limit else "FAIL"
             line = f"{status}: {name} {where}: {value:.3g} {unit} (target <= {limit:g} {unit})"
             targets.append(
-                {
-                    "name": f"{name} {where}",
-                    "value": value,
-                    "limit": limit,
-                    "unit": unit,
-                    "status": status,
-                    "line": line,
-                }
+                {"name": f"{name} {where}", "value": value, "limit": limit, "unit": unit, "status": status, "line": line}
             )
     if not targets:
         targets.append({"name": "all", "status": "not checked",
-                        "line": "no row matches a target (targets: sd21, bf16, 768x512 and 2048x1365)"})  # fmt: skip
+                        "line": f"no row matches a target ({TARGET_PRECISION}; {describe_targets()})"})  # fmt: skip
     return targets
 
 
@@ -733,28 +783,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"command: {command}")
 
     start = time.perf_counter()
-    reference = build_model(args.preset, args.seed)
+    reference = build_model(args.method, args.preset, args.seed)
     levels = args.levels if args.levels is not None else sorted({0, reference.num_levels - 1})
     for level in levels:
         reference.check_level(level)
     params = parameter_counts(reference)
-    level_info = [
-        {"level": lv, "bpp_label": p.label_bpp, "downsamplings": p.downsamplings, "codebook_size": p.codebook_size}
-        for lv, p in enumerate(reference.rate_points)
-    ]
-    print(f"built {args.preset} with random weights in {time.perf_counter() - start:.1f} s: {params}")
+    level_info = [{"level": lv, "label": info.label, "bpp_label": info.bpp_label} for lv, info in enumerate(reference.levels)]
+    print(f"built {args.method} {args.preset} with random weights in {time.perf_counter() - start:.1f} s: {params}")
     images = {(w, h): synthetic_image(w, h, args.seed) for w, h in args.sizes}
 
-    # Reference symbols and fp32 decodes first, so the reference model can leave the device (or be converted).
-    references: dict[tuple[int, int, int], tuple[CodedImage, torch.Tensor]] = {}
+    # Reference files and fp32 decodes first, so the reference model can leave the device (or be converted).
+    references: dict[tuple[int, int, int], tuple[bytes, torch.Tensor]] = {}
     if args.quality:
         reference.to(device)
-        with torch.no_grad():
-            for (w, h), image in images.items():
-                for level in levels:
-                    coded = reference.encode(image.to(device), level)
-                    references[(w, h, level)] = (coded, reference.decode(coded).cpu())
-        print(f"fp32 reference encodes/decodes done at {time.perf_counter() - start:.0f} s")
+        for (w, h), image in images.items():
+            for level in levels:
+                data = reference.compress(image.to(device), level)
+                references[(w, h, level)] = (data, reference.decompress(data).cpu())
+        print(f"fp32 reference files and decodes done at {time.perf_counter() - start:.0f} s")
         reference.to("cpu")
         _free(device)
 
@@ -763,25 +809,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setups = {}
     for i, precision in enumerate(args.precision):
         last = i == len(args.precision) - 1
-        model = convert(reference if last else copy.deepcopy(reference), precision, device, args.fast)
+        if args.flops and args.compile:
+            # torch.compile hides the operations from the FLOP counter: count on an uncompiled twin first.
+            twin = convert(copy.deepcopy(reference), precision, device, fast=True)
+            fill_flop_cache(twin, images, levels, device, flop_cache)
+            del twin
+            _free(device)
+        model = convert(reference if last else copy.deepcopy(reference), precision, device, args.fast, args.compile)
         if last:
             reference = None  # converted in place; every reference output is computed already
-        if args.flops and args.fast and args.compile:  # else counted inline, one extra call per stage
-            fill_flop_cache(model, images, levels, device, flop_cache)
-        setups[precision] = dict(getattr(model, "inference_setup", {"precision": precision, "fast": False}))
-        if args.fast and args.compile:
-            setups[precision]["compiled"] = compile_for_inference(model)
+        setups[precision] = dict(getattr(model, "inference_setup", None) or {"precision": precision, "fast": False})
         peak = args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(machine, precision)
         for (w, h), image in images.items():
             for level in levels:
                 row_start = time.perf_counter()
                 row, data, y = measure_row(model, image, level, args, device, memory, flop_cache)
-                row.update(
-                    width=w, height=h, precision=precision, level=level, bpp_label=model.rate_points[level].label_bpp
-                )
-                row["vae_tiling"] = model.config.vae_tiling == "on" or (
-                    model.config.vae_tiling == "auto" and w * h >= model.config.tiling_min_pixels
-                )
+                row.update(width=w, height=h, precision=precision, level=level, bpp_label=model.levels[level].bpp_label)
                 add_flop_rates(row, peak)
                 if (w, h, level) in references:
                     row["quality"] = quality_guard(model, references[(w, h, level)], data, y)
@@ -796,6 +839,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command,
         "machine": machine,
         "settings": {
+            "method": args.method,
             "preset": args.preset,
             "sizes": [f"{w}x{h}" for w, h in args.sizes],
             "precisions": args.precision,
@@ -806,19 +850,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fast": args.fast,
             "compile": args.compile,
             "seed": args.seed,
-            "lora_b_std": LORA_B_STD,
-            "vae_tile_pixels": SD21_VAE["sample_size"],
             "peak_memory_kind": memory.kind,
             "cudnn_benchmark": device.type == "cuda",
             "inference_setup": setups,
         },
-        "entropy_coder": measure_throughput(),
+        "stages": run_stage_list(rows),
         "rows": rows,
         "notes": [],
     }
-    result["model"] = {"preset": args.preset, "parameters": params, "levels": level_info}
+    result["model"] = {"method": args.method, "preset": args.preset, "parameters": params, "levels": level_info}
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = list(os.getloadavg())
+    if not args.fast:
+        result["notes"].append("--no-fast: the reference path, cast to the precision with nn.Module.to (fp32: as built)")
     if device.type == "cpu":
         result["notes"].append("CPU timings; peak memory is the whole process's resident set (weights included)")
         load = [machine.get("load_average_at_start"), machine.get("load_average_at_end")]
@@ -828,25 +872,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{machine['usable_cores']} cores: a load above the core count means other jobs shared the CPU"
             )
     result["targets"] = check_targets(result, device)
-    ec = result["entropy_coder"]
-    encode_rate, decode_rate = ec["encode_symbols_per_s"] / 1e6, ec["decode_symbols_per_s"] / 1e6
-    print(f"entropy coder: {encode_rate:.2f} M symbols/s encode, {decode_rate:.2f} M symbols/s decode")
+    print(f"stages: {describe_stages(result['stages'])}")
     for target in result["targets"]:
         print(target["line"])
     if args.out:
         append_json(Path(args.out), result)
         print(f"appended to {args.out}")
+    section = markdown_section(result)
     if args.markdown:
-        append_markdown(Path(args.markdown), markdown_section(result))
+        append_markdown(Path(args.markdown), section)
         print(f"appended to {args.markdown}")
+    else:
+        print(section)
     return result
 
 
 def print_row(row: dict[str, Any], seconds: float) -> None:
     enc, dec = row["encode"], row["decode"]
-    stages = ", ".join(
-        f"{STAGE_LABELS[n]} {fmt_ms(row['stages'][n]['median_ms'])}" for n in ENCODE_STAGES + DECODE_STAGES
-    )
+    stages = ", ".join(f"{s['label']} {fmt_ms(s['median_ms'])}" for s in row["stages"].values())
+    ec = row["entropy_bytes_per_s"]
     print(
         f"{row['width']}x{row['height']} {row['precision']} level {row['level']}: encode {fmt_ms(enc['median_ms'])} ms "
         f"[{fmt_ms(enc['min_ms'])}-{fmt_ms(enc['max_ms'])}], decode {fmt_ms(dec['median_ms'])} ms "
@@ -854,9 +898,13 @@ def print_row(row: dict[str, Any], seconds: float) -> None:
         f"peak {fmt_bytes(max(enc['peak_memory_bytes']))} / {fmt_bytes(max(dec['peak_memory_bytes']))} "
         f"({seconds:.0f} s)"
     )
+    print(
+        f"  file {row['bytes']} B ({row['bpp']:.4g} bpp); entropy stages {fmt_rate(ec['encode'])} MB/s encode, "
+        f"{fmt_rate(ec['decode'])} MB/s decode"
+    )
     if "decode_flops" in row:
         frac = dec["fraction_of_peak"]
-        per_stage = ", ".join(f"{k} {v / 1e12:.3g}" for k, v in row["flops"].items())
+        per_stage = ", ".join(f"{row['stages'][k]['label']} {v / 1e12:.3g}" for k, v in row["flops"].items())
         print(
             f"  FLOPs: encode {row['encode_flops'] / 1e12:.3g} TFLOP, decode {row['decode_flops'] / 1e12:.3g} TFLOP "
             f"({per_stage}); decode {dec['achieved_tflops']:.3g} TFLOP/s, "
@@ -864,32 +912,10 @@ def print_row(row: dict[str, Any], seconds: float) -> None:
         )
     if "quality" in row:
         q = row["quality"]
-        value = "identical" if q["identical"] else f"{q['psnr_db']:.2f} dB"
-        print(f"  quality guard: fast vs fp32 reference decode of the same indices: {value}; "
-              f"encoder indices agree {100 * q['index_agreement']:.2f}%")  # fmt: skip
-
-
-def quality_guard(
-    model: OSCARModel, reference: tuple[CodedImage, torch.Tensor], data: bytes, y: torch.Tensor
-) -> dict[str, Any]:
-    """PSNR of the model's decode of the reference's symbols against the fp32 reference decode; index agreement.
-
-    ``data``/``y``: this model's own file and decode of the image; when its symbols equal the reference's, ``y``
-    is already the decode of the reference's symbols and no extra decode is run (a CPU sd21 decode is ~30 s).
-    """
-    coded_ref, y_ref = reference
-    coded = read_bitstream(data, codec_info(model))
-    same = torch.equal(coded.indices, coded_ref.indices) and coded.norm_codes == coded_ref.norm_codes
-    if not same:
-        with torch.no_grad():
-            y = model.decode(coded_ref)
-    value = psnr(y, y_ref)
-    return {
-        "psnr_db": None if math.isinf(value) else value,
-        "identical": math.isinf(value),
-        "index_agreement": (coded.indices == coded_ref.indices).float().mean().item(),
-        "norm_codes_agree": coded.norm_codes == coded_ref.norm_codes,
-    }
+        dec_text = "identical" if q["identical"] else f"{q['psnr_db']:.2f} dB"
+        e2e_text = "identical" if q["end_to_end_identical"] else f"{q['end_to_end_psnr_db']:.2f} dB"
+        print(f"  quality guard (8-bit PSNR vs the fp32 reference decode): decoding the reference's file {dec_text}, "
+              f"own file {e2e_text}; same file as the reference: {'yes' if q['same_file'] else 'no'}")  # fmt: skip
 
 
 def _free(device: torch.device) -> None:

@@ -1,12 +1,25 @@
-"""Measure real file sizes against nominal rates, header overhead and entropy-coder speed on an image folder.
+"""Measure real file sizes against nominal rates, container header size and entropy-stage speed on an image folder.
 
-    python scripts/bitstream_report.py --model runs/oscar --images ../shared/data/kodak [--in-sample-priors]
+    python scripts/bitstream_report.py --model runs/oscar --images ../shared/data/kodak [--max-images 24]
 
-Prints markdown tables: per level the mean nominal index bytes (``tokens x log2 K / 8``, the reference's rate),
-the mean actual ``.oscar`` file size with the model's own priors, the header + side-information size, and the
-share of files coded with rANS; then coder throughput in symbols/s on the real indices. With
-``--in-sample-priors`` the sizes are also computed with priors measured on the same images: an optimistic
-bound (priors fitted to the test data) of what measured priors can save.
+Works on an export of any registered method (``models.registry.load_codec`` picks the class from its
+``codec_config.json``) and uses only the ``CodecMethod`` interface. Every image is coded at every level by the
+method's ``encode_stages`` (the very composition ``compress`` runs) and read back by its ``decode_stages`` up to
+the last entropy stage (the synthesis stages after it are not run). Prints a markdown table with per level:
+
+* **nominal B**: mean ``nominal_bpp(level, H, W) x pixels / 8``, the rate the level is designed for (symbols only);
+* **file B**: mean actual file size; **container header**: the v2 container's bits
+  (``models.blocks.container.container_bits``: magic, version, method, fingerprint tag, level, image size), the
+  part every method pays before its payload; **payload**: the rest of the file (method side information, coded
+  symbols, padding); **vs nominal**: file minus nominal bytes;
+* **nominal / actual bpp** over all the level's pixels; **bounds**: files inside the method's
+  ``file_size_bounds`` (when it knows them before encoding);
+* **entropy MB/s**: file bytes per second of the entropy stages (``Stage.entropy``), encode / decode, each file
+  timed once (CUDA synchronised).
+
+OSCAR-only analyses are not here: its index priors (codebook usage per level, the entropy coder's static prior,
+what measured priors save over uniform ones) are measured and stored by ``scripts/index_priors.py`` (with
+``models/oscar/priors.py``); the rANS coder's own symbol throughput is ``models.blocks.index_coder.measure_throughput``.
 """
 
 from __future__ import annotations
@@ -15,16 +28,17 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from models.oscar.coded_image import CodedImage
-from models.blocks.index_coder import CodingMode, IndexPrior, decode_indices, encode_indices, measure_throughput
-from models.oscar.model import OSCARModel
-from models.oscar.bitstream import CodecInfo, header_bits, read_bitstream, read_header, write_bitstream
-from utils.codec import codec_info, load_model
+from models.blocks.codec_method import CodecMethod, Stage, check_image_size
+from models.blocks.container import container_bits
+from models.registry import load_codec
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import InputFile, describe_file_error, list_images, load_image
 
@@ -38,146 +52,145 @@ class LevelStats:
     file_bytes: int = 0
     header_bits: int = 0
     pixels: int = 0
-    rans_files: int = 0
-    in_sample_bytes: int = 0
-    in_sample_rans: int = 0
-    coded: list[CodedImage] = field(default_factory=list)
+    within_bounds: int = 0
+    bounded_files: int = 0  # files whose level had known bounds
+    entropy_encode_s: float = 0.0
+    entropy_decode_s: float = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
+    parser.add_argument("--model", required=True, metavar="DIR", help="exported model folder (any method)")
     parser.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("--max-images", type=int, metavar="N", help="use at most N images")
-    parser.add_argument(
-        "--in-sample-priors", action="store_true", help="also size files with priors fitted to these images"
-    )
+    parser.add_argument("--levels", nargs="+", type=int, help="rate levels (default: all)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
+    parser.add_argument("--zoo", metavar="PATH", help="base SD model folder (default: the one the export names)")
     return parser.parse_args(argv)
 
 
-def collect(model: OSCARModel, paths: list[InputFile], info: CodecInfo) -> list[LevelStats]:
-    """Encode every image at every level, write its file and check it reads back to the same symbols."""
-    stats = [LevelStats() for _ in range(model.num_levels)]
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_timed(stages: Sequence[Stage], value: Any, device: torch.device) -> tuple[Any, float]:
+    """Run ``stages`` in order; returns the output and the seconds spent in the entropy stages."""
+    entropy_s = 0.0
+    for stage in stages:
+        if stage.entropy:
+            _synchronize(device)
+            start = time.perf_counter()
+            value = stage.run(value)
+            _synchronize(device)
+            entropy_s += time.perf_counter() - start
+        else:
+            value = stage.run(value)
+    return value, entropy_s
+
+
+def up_to_last_entropy(stages: list[Stage]) -> list[Stage]:
+    """The decode stages through the last entropy stage: reading the file back, without the synthesis after it."""
+    last = max((i for i, stage in enumerate(stages) if stage.entropy), default=len(stages) - 1)
+    return stages[: last + 1]
+
+
+def code_file(model: CodecMethod, image: torch.Tensor, level: int, device: torch.device) -> tuple[bytes, float, float]:
+    """The file of ``image`` at ``level`` (as ``compress`` writes it), read back; entropy seconds encode / decode."""
+    model.check_file_mode()
+    model.check_level(level)
+    with torch.no_grad():
+        data, encode_s = run_timed(model.encode_stages(level), image, device)
+        _, decode_s = run_timed(up_to_last_entropy(model.decode_stages()), bytes(data), device)
+    return bytes(data), encode_s, decode_s
+
+
+def collect(model: CodecMethod, paths: list[InputFile], levels: list[int], device: torch.device) -> dict[int, LevelStats]:
+    """Code every image at every level, check each file's header, and sum the sizes per level."""
+    stats = {level: LevelStats() for level in levels}
     for item in tqdm(paths, desc="encoding", unit="image", disable=None):
         try:
             image, _ = load_image(item.path)
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+            check_image_size(height, width)
         except UserError as err:
             tqdm.write(f"warning: skipped {describe_file_error(item.path, err)}", file=sys.stderr)
             continue
-        height, width = image.shape[-2:]
-        for level, s in enumerate(stats):
-            coded = model.encode(image, level)
-            data = write_bitstream(coded, info)
-            back = read_bitstream(data, info)
-            if not torch.equal(back.indices, coded.indices) or back.norm_codes != coded.norm_codes:
-                raise RuntimeError(f"{item.path}: level {level} does not read back to the symbols written")
+        image = image.to(device)
+        for level, s in stats.items():
+            data, encode_s, decode_s = code_file(model, image, level, device)
+            try:
+                stored = model.level_header(data)
+            except NotImplementedError:
+                stored = (level, width, height)
+            if stored != (level, width, height):
+                raise RuntimeError(f"{item.path}: level {level} file stores (level, width, height) {stored}")
             s.files += 1
-            s.nominal_bits += model.rate_points[level].nominal_bits(height, width)
+            s.nominal_bits += model.nominal_bpp(level, height, width) * height * width
             s.file_bytes += len(data)
-            s.header_bits += header_bits(width, height, info.norm_count, info.norm_bits)
+            s.header_bits += container_bits(width, height)
             s.pixels += height * width
-            s.rans_files += read_header(data).mode == CodingMode.RANS
-            s.coded.append(coded)
+            s.entropy_encode_s += encode_s
+            s.entropy_decode_s += decode_s
+            bounds = model.file_size_bounds(level, height, width)
+            if bounds is not None:
+                s.bounded_files += 1
+                s.within_bounds += bounds[0] <= len(data) <= bounds[1]
     return stats
 
 
-def add_in_sample(stats: list[LevelStats], info: CodecInfo) -> CodecInfo:
-    """Size every file again with priors counted on these very images; returns the CodecInfo used."""
-    priors = []
-    for s, (_, size) in zip(stats, info.levels):
-        counts = torch.zeros(size, dtype=torch.int64)
-        for coded in s.coded:
-            counts += torch.bincount(coded.indices.reshape(-1), minlength=size)
-        priors.append(IndexPrior.from_counts(counts))
-    fitted = CodecInfo(info.fingerprint, info.levels, priors, info.norm_count, info.norm_bits)
-    for s in stats:
-        for coded in s.coded:
-            data = write_bitstream(coded, fitted)
-            s.in_sample_bytes += len(data)
-            s.in_sample_rans += read_header(data).mode == CodingMode.RANS
-    return fitted
+def rate(num_bytes: float, seconds: float) -> str:
+    return f"{num_bytes / seconds / 1e6:.3g}" if seconds > 0 else "-"
 
 
-def coder_throughput(stats: list[LevelStats], info: CodecInfo) -> dict[str, float]:
-    """Symbols/s of ``encode_indices`` and ``decode_indices`` over all files' indices with ``info``'s priors.
-
-    Decoding a rANS payload includes the re-encode integrity check, as in real use.
-    """
-    jobs = [(coded.indices.reshape(-1).numpy(), info.priors[coded.level]) for s in stats for coded in s.coded]
-    symbols = sum(int(indices.size) for indices, _ in jobs)
-    start = time.perf_counter()
-    encoded = [encode_indices(indices, prior) for indices, prior in jobs]
-    encode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for (indices, prior), (mode, payload) in zip(jobs, encoded):
-        decode_indices(mode, payload, indices.size, prior)
-    decode_s = time.perf_counter() - start
-    rans = sum(mode == CodingMode.RANS for mode, _ in encoded)
-    return {
-        "symbols": symbols,
-        "rans_share": rans / max(1, len(jobs)),
-        "encode": symbols / encode_s,
-        "decode": symbols / decode_s,
-    }
-
-
-def size_table(model: OSCARModel, stats: list[LevelStats], in_sample: bool) -> str:
-    head = "| level | rate point (k, K) | images | nominal bytes | file bytes | header + side | overhead | nominal bpp | actual bpp | rANS files |"
-    rule = "|---|---|---|---|---|---|---|---|---|---|"
-    if in_sample:
-        head += " file bytes, in-sample priors | rANS files |"
-        rule += "---|---|"
-    lines = [head, rule]
-    for level, (s, point) in enumerate(zip(stats, model.rate_points)):
+def size_table(model: CodecMethod, stats: dict[int, LevelStats]) -> str:
+    header = ["level", "label", "images", "nominal B", "file B", "container header", "payload B", "vs nominal",
+              "nominal bpp", "actual bpp", "bounds", "entropy MB/s enc / dec"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for level, s in stats.items():
         if not s.files:
             continue
         nominal = s.nominal_bits / 8 / s.files
         actual = s.file_bytes / s.files
         header = s.header_bits / s.files
-        row = (
-            f"| {level} | {point.label_bpp:.4f} ({point.downsamplings}, {point.codebook_size}) | {s.files} | "
-            f"{nominal:.1f} | {actual:.1f} | {header:.0f} bits ({math.ceil(header / 8)} B) | "
-            f"{actual - nominal:+.1f} B ({100 * (actual / nominal - 1):+.1f} %) | "
-            f"{s.nominal_bits / s.pixels:.5f} | {8 * s.file_bytes / s.pixels:.5f} | {s.rans_files}/{s.files} |"
+        relative = f" ({100 * (actual / nominal - 1):+.1f} %)" if nominal > 0 else ""
+        bounds = f"{s.within_bounds}/{s.bounded_files}" if s.bounded_files else "-"
+        lines.append(
+            f"| {level} | {model.levels[level].label} | {s.files} | {nominal:.1f} | {actual:.1f} | "
+            f"{header:.0f} bits ({math.ceil(header / 8)} B) | {actual - header / 8:.1f} | "
+            f"{actual - nominal:+.1f} B{relative} | {s.nominal_bits / s.pixels:.5f} | "
+            f"{8 * s.file_bytes / s.pixels:.5f} | {bounds} | "
+            f"{rate(s.file_bytes, s.entropy_encode_s)} / {rate(s.file_bytes, s.entropy_decode_s)} |"
         )
-        if in_sample:
-            mean = s.in_sample_bytes / s.files
-            row += f" {mean:.1f} ({100 * (mean / nominal - 1):+.1f} %) | {s.in_sample_rans}/{s.files} |"
-        lines.append(row)
     return "\n".join(lines)
 
 
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, LevelStats]:
     args = parse_args(argv)
     files = list_images(args.images, recursive=False)[: args.max_images]
-    model = load_model(args.model, args.zoo, args.device)
-    info = codec_info(model)
+    device = resolve_device(args.device)
+    model = load_codec(args.model, args.zoo, str(device))
+    levels = args.levels if args.levels is not None else list(range(model.num_levels))
+    for level in levels:
+        model.check_level(level)
     start = time.perf_counter()
-    stats = collect(model, files, info)
+    stats = collect(model, files, levels, device)
     elapsed = time.perf_counter() - start
-    fitted = add_in_sample(stats, info) if args.in_sample_priors else None
+    images = max((s.files for s in stats.values()), default=0)
     print(
-        f"model {args.model} (fingerprint {info.fingerprint:016x}), {stats[0].files} image(s), encoded in {elapsed:.1f} s\n"
+        f"model {args.model} (method {model.method_name}, fingerprint {model.fingerprint():016x}), {images} image(s), "
+        f"coded in {elapsed:.1f} s\n"
     )
-    print(size_table(model, stats, fitted is not None))
+    print(size_table(model, stats))
+    total_bytes = sum(s.file_bytes for s in stats.values())
+    encode_s = sum(s.entropy_encode_s for s in stats.values())
+    decode_s = sum(s.entropy_decode_s for s in stats.values())
     print(
-        "\nEntropy coder throughput (symbols/s, all levels' real indices; decode includes the rANS re-encode check):\n"
+        f"\nEntropy stages over all files ({total_bytes} bytes): {rate(total_bytes, encode_s)} MB/s encode, "
+        f"{rate(total_bytes, decode_s)} MB/s decode (each file timed once)"
     )
-    print("| priors | symbols | rANS share | encode | decode |\n|---|---|---|---|---|")
-    for name, used in (("model's", info), ("in-sample", fitted)):
-        if used is not None:
-            t = coder_throughput(stats, used)
-            print(
-                f"| {name} | {t['symbols']:.0f} | {100 * t['rans_share']:.0f} % | {t['encode']:.3g} | {t['decode']:.3g} |"
-            )
-    synthetic = measure_throughput()
-    print(
-        f"| synthetic skewed (64x96 tokens, K=256, rANS) | {synthetic['symbols']:.0f} | 100 % | "
-        f"{synthetic['encode_symbols_per_s']:.3g} | {synthetic['decode_symbols_per_s']:.3g} |"
-    )
+    return stats
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = []
     for bpp in DEFAULT_LEVEL_BPPS:
         run = train_hyper_enc.main(
-            ["--opt", "options/train_hyper_enc.json"]
+            ["--opt", "options/oscar/train_hyper_enc.json"]
             + sets(common | {
                 "name": f"hyper_enc_{bpp:.4f}", "output_root": str(out / "stage1"), "bpp": bpp,
                 "hyper_encoder": HYPER | {"ema_decay": 0.8, "commitment_weight": 1.0},
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     banner("4/6 timesteps fitted from the stage-1 latent distortion")
     fitted = out / "train_diff_fitted.json"
     fits = fit_timesteps.main(
-        ["--opt", "options/train_diff.json", "--images", str(data / "val"), "--out-opt", str(fitted)] + sets(stage2)
+        ["--opt", "options/oscar/train_diff.json", "--images", str(data / "val"), "--out-opt", str(fitted)] + sets(stage2)
     )
 
     banner(f"5/6 stage 2: one LoRA UNet for all levels, {args.stage2_steps} steps")

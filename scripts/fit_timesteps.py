@@ -1,6 +1,6 @@
 """Fit each level's pseudo timestep from data, after stage 1, and write it into a stage-2 option file.
 
-    python scripts/fit_timesteps.py --opt options/train_diff.json --images datasets/kodak \\
+    python scripts/fit_timesteps.py --opt options/oscar/train_diff.json --images datasets/kodak \\
         --out-opt runs/fit/train_diff.json [--method cosine|snr] [--max-images 24]
 
 It encodes every image with the VAE, passes the latent through each level's stage-1 hyper-encoder
@@ -32,7 +32,7 @@ from models.oscar.timestep_fit import METHODS, measure_levels
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_option_arguments(parser, default_opt="options/train_diff.json")
+    add_option_arguments(parser, default_opt="options/oscar/train_diff.json")
     parser.add_argument("--images", required=True, help="folder of images to measure on")
     parser.add_argument("--max-images", type=int, default=24)
     parser.add_argument("--method", choices=METHODS, default="cosine")

@@ -18,16 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from models.blocks.codec_method import read_export_config
 from models.blocks.index_coder import bits_per_index
-from models.oscar.model import read_export_config
-from utils.codec import load_model, measure_index_counts, prior_bits_per_token
+from models.oscar.export import LEGACY_CONFIGS
+from models.oscar.model import OSCARModel
+from models.oscar.priors import measure_index_counts, prior_bits_per_token
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import InputFile, describe_file_error, list_images, load_image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder")
+    parser.add_argument("--model", required=True, metavar="DIR", help="exported OSCAR model folder (the priors are OSCAR's VQ codebook usage)")
     parser.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument("-r", "--recursive", action="store_true", help="also use images in subfolders")
     parser.add_argument("--max-images", type=int, metavar="N", help="use at most N images (the first, in order)")
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--max-images {args.max_images}: expected at least 1")
     files = list_images(args.images, recursive=args.recursive)[: args.max_images]
     model_dir = Path(args.model)
-    config = read_export_config(model_dir)
-    model = load_model(model_dir, args.zoo, args.device)
+    config = read_export_config(model_dir, LEGACY_CONFIGS)
+    model = OSCARModel.from_pretrained(model_dir, zoo_path=args.zoo, device=resolve_device(args.device))
+    model.check_file_mode()
     levels = sorted(set(args.levels)) if args.levels else list(range(model.num_levels))
 
     skipped: list[str] = []

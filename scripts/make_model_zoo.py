@@ -16,15 +16,9 @@ import time
 
 from utils.errors import exit_on_user_error
 from models.blocks.model_zoo import PRESETS, load_sd_components, write_model_zoo
-from models.oscar.options import HyperEncoderOptions, ModelOptions
+from models.oscar.model import RANDOM_TINY_OPTIONS as TINY_MODEL  # narrow hyper-encoders, rank-4 LoRA
+from models.oscar.options import ModelOptions
 from utils.options import load_options
-
-# A small OSCAR on the tiny zoo: narrow hyper-encoders and rank-4 LoRA, so the demo trains in minutes on a CPU.
-TINY_MODEL = ModelOptions(
-    hyper_encoder=HyperEncoderOptions(channels=32, hyper_dim=64, codebook_dim=16),
-    lora_rank=4,
-    lora_alpha=2.0,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OPT="$ROOT/options/train_diff.json"
+OPT="$ROOT/options/oscar/train_diff.json"
 if [[ $# -gt 0 && "$1" != -* ]]; then
   OPT="$1"
   shift

@@ -15,7 +15,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OPT="$ROOT/options/train_hyper_enc.json"
+OPT="$ROOT/options/oscar/train_hyper_enc.json"
 if [[ $# -gt 0 && "$1" != -* ]]; then
   OPT="$1"
   shift

@@ -17,20 +17,26 @@ from hypothesis import strategies as st
 from models.oscar.coded_image import CodedImage
 from models.blocks.index_coder import IndexPrior, bits_per_index
 from models.oscar.rate_table import RATE_TABLE
-from models.oscar.bitstream import (
+from models.blocks.container import (
+    CONTAINER_LAYOUT,
     FORMAT_VERSION,
-    HEADER_LAYOUT,
     MAGIC,
     MAX_PIXELS,
+    METHOD_IDS,
     BadMagicError,
     BitstreamError,
-    CodecInfo,
-    CodingMode,
     CorruptBitstreamError,
     ModelMismatchError,
     TruncatedBitstreamError,
     UnsupportedVersionError,
+    WrongMethodError,
     fingerprint_tag,
+)
+from models.oscar.bitstream import (
+    PAYLOAD_LAYOUT,
+    V1_LAYOUT,
+    CodecInfo,
+    CodingMode,
     header_bits,
     read_bitstream,
     read_header,
@@ -128,10 +134,20 @@ def doc_table(marker: str) -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in rows[2:]]  # skip header and separator
 
 
-def test_doc_field_table_matches_code() -> None:
-    documented = [(row[0], row[1]) for row in doc_table("header-fields")]
-    assert documented == list(HEADER_LAYOUT)
+@pytest.mark.parametrize(
+    "marker, layout",
+    [("container-fields", CONTAINER_LAYOUT), ("oscar-payload-fields", PAYLOAD_LAYOUT), ("oscar-v1-fields", V1_LAYOUT)],
+)
+def test_doc_field_tables_match_code(marker: str, layout: tuple[tuple[str, str], ...]) -> None:
+    documented = [(row[0], row[1]) for row in doc_table(marker)]
+    assert documented == list(layout)
     assert f"`0x{MAGIC:02X}`" in DOC.read_text() and f"version {FORMAT_VERSION}" in DOC.read_text()
+
+
+def test_doc_method_ids_match_code() -> None:
+    documented = {row[0].strip("`"): int(row[1]) for row in doc_table("method-ids")}
+    assert documented == {name: i for name, i in METHOD_IDS.items() if name in documented}
+    assert {"oscar", "stablecodec", "sodec"} <= set(documented)
 
 
 def test_doc_sizes_match_code() -> None:
@@ -146,7 +162,8 @@ def test_doc_sizes_match_code() -> None:
 
 
 def test_header_size_for_kodak() -> None:
-    assert header_bits(768, 512) == 46 and header_bits(768, 512, 4, 6) == 70
+    """Version 2 adds the 4-bit method field to version 1's 46 bits (70 with the latent norms)."""
+    assert header_bits(768, 512) == 50 and header_bits(768, 512, 4, 6) == 74
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -168,7 +185,7 @@ def files() -> dict[str, tuple[bytes, CodecInfo]]:
 
 def test_errors_are_user_errors() -> None:
     for error in (TruncatedBitstreamError, BadMagicError, UnsupportedVersionError, ModelMismatchError,
-                  CorruptBitstreamError):
+                  CorruptBitstreamError, WrongMethodError):
         assert issubclass(error, BitstreamError) and issubclass(error, UserError)
 
 
@@ -193,13 +210,13 @@ def test_empty_file_is_truncated() -> None:
 def test_wrong_magic(files: dict[str, tuple[bytes, CodecInfo]]) -> None:
     data, info = files["fixed-plain"]
     for bad in (b"\x89PNG\r\n\x1a\n" + data[8:], bytes([data[0] ^ 1]) + data[1:]):
-        with pytest.raises(BadMagicError, match="not an OSCAR bitstream"):
+        with pytest.raises(BadMagicError, match="not a codec file of this project"):
             read_bitstream(bad, info)
 
 
 def test_wrong_version(files: dict[str, tuple[bytes, CodecInfo]]) -> None:
     data, info = files["fixed-plain"]
-    for version in (0, 2, 15):
+    for version in (0, 3, 15):
         bad = bytes([data[0], (version << 4) | (data[1] & 0x0F)]) + data[2:]
         with pytest.raises(UnsupportedVersionError, match=f"version {version}"):
             read_bitstream(bad, info)
@@ -222,8 +239,8 @@ def test_level_beyond_model(files: dict[str, tuple[bytes, CodecInfo]]) -> None:
 
 def raw_header(width_value: int, height_value: int, shift: int, value_bits: int, tail: bytes = b"") -> bytes:
     """A hand-made header (fields as in the doc), to claim sizes the writer refuses to produce."""
-    fields = [(MAGIC, 8), (FORMAT_VERSION, 4), (fingerprint_tag(FINGERPRINT), 16), (0, 4), (0, 1), (shift, 3),
-              (value_bits - 1, 4), (width_value, value_bits), (height_value, value_bits)]
+    fields = [(MAGIC, 8), (FORMAT_VERSION, 4), (METHOD_IDS["oscar"], 4), (fingerprint_tag(FINGERPRINT), 16), (0, 4),
+              (shift, 3), (value_bits - 1, 4), (width_value, value_bits), (height_value, value_bits), (0, 1)]
     value, bits = 0, 0
     for field, width in fields:
         value, bits = (value << width) | field, bits + width
@@ -289,8 +306,8 @@ def test_byte_flips_in_header_and_rans_payload(files: dict[str, tuple[bytes, Cod
     change keeps the token grid (e.g. the lowest width bit).
     """
     for name, (data, info) in files.items():
-        header_end = 5  # bytes 0-4 hold exactly magic .. size_bits (40 bits)
-        assert header_bits(1, 1) == 8 * header_end + 2  # 1x1: two 1-bit size fields follow
+        header_end = 5  # bytes 0-4 hold magic .. the first size_bits bit (the fixed fields take 43 bits)
+        assert header_bits(1, 1) == 8 * header_end + 3 + 2 + 1  # 1x1: size_bits' rest, two 1-bit sizes, mode
         end = len(data) if name.startswith("rans") else header_end
         for offset in range(end):
             if info.norm_count and offset >= header_end:
@@ -298,8 +315,14 @@ def test_byte_flips_in_header_and_rans_payload(files: dict[str, tuple[bytes, Cod
             for mask in (0x01, 0x80, 0xFF):
                 bad = bytearray(data)
                 bad[offset] ^= mask
-                with pytest.raises(BitstreamError):
-                    read_bitstream(bytes(bad), info)
+                try:
+                    decoded = read_bitstream(bytes(bad), info)
+                except BitstreamError:
+                    continue
+                # The documented exception: a size change that keeps the token grid (same symbols, other crop).
+                original = read_bitstream(data, info)
+                assert (decoded.width, decoded.height) != (original.width, original.height), (offset, mask)
+                assert torch.equal(decoded.indices, original.indices), (offset, mask)
 
 
 def test_write_validates(files: dict[str, tuple[bytes, CodecInfo]]) -> None:
@@ -400,3 +423,53 @@ def test_random_bytes_after_a_valid_prefix(
     check_read(bytes(prefix) + tail, info)
     check_read(data[:2] + prefix + tail, info)
     check_read(data[:5] + tail, info)
+
+
+# ---------------------------------------------------------------------------------------------- versions and methods
+
+
+def write_v1(coded: CodedImage, info: CodecInfo) -> bytes:
+    """The version-1 writer (OSCAR's format before the container had a method field), kept here to make old files."""
+    from models.blocks.container import BitWriter, size_fields
+    from models.blocks.index_coder import encode_indices
+
+    grid = info.grid(coded.level, coded.height, coded.width)
+    prior = info.priors[coded.level]
+    mode, payload = encode_indices(coded.indices.reshape(-1), prior)
+    writer = BitWriter()
+    for value, bits in ((MAGIC, 8), (1, 4), (fingerprint_tag(info.fingerprint), 16), (coded.level, 4), (int(mode), 1)):
+        writer.write(value, bits)
+    shift, value_bits = size_fields(coded.width, coded.height)
+    for value, bits in ((shift, 3), (value_bits - 1, 4), ((coded.width >> shift) - 1, value_bits),
+                        ((coded.height >> shift) - 1, value_bits)):
+        writer.write(value, bits)
+    for code in coded.norm_codes or ():
+        writer.write(int(code), info.norm_bits)
+    fixed = mode == CodingMode.FIXED
+    writer.write_bytes(payload, grid[0] * grid[1] * bits_per_index(prior.codebook_size) if fixed else 8 * len(payload))
+    return writer.to_bytes()
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["fixed", "rans"])
+@pytest.mark.parametrize("width, height", SIZES)
+def test_version_1_files_still_decode(width: int, height: int, skewed: bool) -> None:
+    info = make_info(skewed, True)
+    for level in (0, 5, 11):
+        coded = make_image(info, level, width, height, skewed, seed=level)
+        old = write_v1(coded, info)
+        assert old[1] >> 4 == 1
+        header = read_header(old)
+        assert (header.version, header.level, header.width, header.height) == (1, level, width, height)
+        assert_same(read_bitstream(old, info), coded)
+        new = write_bitstream(coded, info)
+        assert new[1] >> 4 == 2 and len(new) <= len(old) + 1  # the method field costs at most one byte
+
+
+def test_file_of_another_method_is_refused_by_name(files: dict[str, tuple[bytes, CodecInfo]]) -> None:
+    data, info = files["fixed-plain"]
+    as_stablecodec = bytes([data[0], (data[1] & 0xF0) | METHOD_IDS["stablecodec"]]) + data[2:]
+    with pytest.raises(WrongMethodError, match="method 'stablecodec'; this model is method 'oscar'"):
+        read_bitstream(as_stablecodec, info)
+    unknown = bytes([data[0], (data[1] & 0xF0) | 13]) + data[2:]
+    with pytest.raises(WrongMethodError, match=r"unknown method \(id 13\)"):
+        read_bitstream(unknown, info)

@@ -20,7 +20,6 @@ import decompress as decompress_cli
 from models.oscar.model import OSCARModel
 from tests.test_codec import make_model, synthetic_batch, write_image_kinds
 from models.oscar.bitstream import read_header
-from utils.codec import compress, decompress, level_for_bpp, level_for_max_bytes, levels_by_rate
 from utils.image_io import load_image, save_png, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +53,9 @@ def loaded(export) -> OSCARModel:
 @pytest.fixture(scope="module")
 def cli_model(export) -> OSCARModel:
     """The model as the CLIs load it by default (fast path in fp32): the reference their outputs are compared with."""
-    from utils.codec import load_model
+    from models.registry import load_codec
 
-    return load_model(export, device="cpu", fast=True)
+    return load_codec(export, device="cpu", fast=True)
 
 
 def smooth_images(folder: Path, count: int, h: int = 64, w: int = 96) -> list[Path]:
@@ -85,7 +84,7 @@ def test_every_image_kind_round_trips_through_the_clis(export, loaded, cli_model
     assert listing(tmp_path / "out") == sorted(f"{Path(n).stem}.oscar" for n in expected)
     for name, (h, w) in expected.items():
         data = (tmp_path / "out" / f"{Path(name).stem}.oscar").read_bytes()
-        assert data == compress(loaded, load_image(tmp_path / "in" / name)[0], 2), name  # the CLI is the library
+        assert data == loaded.compress(load_image(tmp_path / "in" / name)[0], 2), name  # the CLI is the library
         line = next(line for line in printed.splitlines() if line.startswith(name))
         assert f"{w}x{h}  level 2  {len(data)} bytes  {8 * len(data) / (h * w):.4f} bpp" in line
         assert f"nominal {loaded.nominal_bpp(2, h, w):.4f}" in line
@@ -100,15 +99,15 @@ def test_every_image_kind_round_trips_through_the_clis(export, loaded, cli_model
             pixels = np.asarray(png)
         if name in ("exif_rotated.jpg", "deep16.png", "tiny.bmp"):  # pixels: a few kinds (decoding is slow)
             data = (tmp_path / "out" / f"{stem}.oscar").read_bytes()
-            assert np.array_equal(pixels, to_uint8(decompress(cli_model, data)))
+            assert np.array_equal(pixels, to_uint8(cli_model.decompress(data)))
             # The reference path (no LoRA merge, no SDPA) decodes the same file to within rounding.
-            reference = to_uint8(decompress(loaded, data)).astype(int)
+            reference = to_uint8(loaded.decompress(data)).astype(int)
             assert np.abs(reference - pixels.astype(int)).max() <= 1
 
 
 def test_rate_options_choose_the_level(export, loaded, tmp_path, capsys, monkeypatch):
     # Loading is tested elsewhere (it is slow): the CLI gets the already loaded model.
-    monkeypatch.setattr(compress_cli, "model_from_args", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(compress_cli, "codec_from_args", lambda *args, **kwargs: loaded)
     (path,) = smooth_images(tmp_path / "in", 1)
     x, _ = load_image(path)
 
@@ -117,14 +116,14 @@ def test_rate_options_choose_the_level(export, loaded, tmp_path, capsys, monkeyp
         assert run(compress_cli, "--model", export, path, "-o", out, *options, *CPU) == 0
         return read_header((out / "img0.oscar").read_bytes()).level
 
-    assert level_written() == levels_by_rate(loaded, 64, 96)[0]
+    assert level_written() == loaded.levels_by_rate(64, 96)[0]
     for bpp in (0.004, 0.05, 0.2):
-        assert level_written("--bpp", bpp) == level_for_bpp(loaded, 64, 96, bpp)
-    sizes = sorted({len(compress(loaded, x, lv)) for lv in range(loaded.num_levels)})
+        assert level_written("--bpp", bpp) == loaded.level_for_bpp(64, 96, bpp)
+    sizes = sorted({len(loaded.compress(x, lv)) for lv in range(loaded.num_levels)})
     for budget in (sizes[0], sizes[len(sizes) // 2], sizes[-1] + 1):
         level = level_written("--max-bytes", budget)
-        assert level == level_for_max_bytes(loaded, x, budget)[0]
-        assert len(compress(loaded, x, level)) <= budget
+        assert level == loaded.compress_to_max_bytes(x, budget)[0]
+        assert len(loaded.compress(x, level)) <= budget
 
     capsys.readouterr()
     assert run(compress_cli, "--model", export, path, "-o", tmp_path / "none", "--bpp", 1e-4, *CPU) == 1
@@ -143,7 +142,7 @@ def test_rate_options_choose_the_level(export, loaded, tmp_path, capsys, monkeyp
 
 
 def test_bad_images_are_reported_and_the_others_compressed(export, loaded, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compress_cli, "model_from_args", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(compress_cli, "codec_from_args", lambda *args, **kwargs: loaded)
     smooth_images(tmp_path / "in", 2)
     (tmp_path / "in" / "garbage.png").write_bytes(b"\x89PNG but not really")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "cut.jpg")
@@ -158,7 +157,7 @@ def test_bad_images_are_reported_and_the_others_compressed(export, loaded, tmp_p
 
 def test_wrong_model_and_damaged_files_give_no_output(export, other_export, loaded, tmp_path, capsys):
     (path,) = smooth_images(tmp_path / "in", 1)
-    data = compress(loaded, load_image(path)[0], 4)
+    data = loaded.compress(load_image(path)[0], 4)
     files = tmp_path / "files"
     files.mkdir()
     (files / "good.oscar").write_bytes(data)
@@ -177,7 +176,7 @@ def test_wrong_model_and_damaged_files_give_no_output(export, other_export, load
     assert err[-1] == "error: 4 of 5 file(s) failed" and len(err) == 5
     reasons = {line.split(": ")[1]: line for line in err[:-1]}
     assert set(reasons) == {str(files / f"{n}.oscar") for n in ("empty", "garbage", "trailing", "truncated")}
-    assert "not an OSCAR bitstream" in reasons[str(files / "garbage.oscar")]
+    assert "not a codec file of this project" in reasons[str(files / "garbage.oscar")]
     assert "trailing" in reasons[str(files / "trailing.oscar")]
     assert listing(tmp_path / "dec2") == ["good.png"]
 
@@ -192,16 +191,16 @@ def test_bad_arguments_exit_2_with_one_line(export, tmp_path, capsys):
         run(decompress_cli, "--model", tmp_path / "no_model", tmp_path / "in" / "img0.png", "-o", tmp_path / "out")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'no_model'}: not an exported OSCAR model") and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'no_model'}: exported model folder not found") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_fresh_process_decodes_identically(export, loaded, cli_model, tmp_path):
     (path,) = smooth_images(tmp_path / "in", 1)
     (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "a.oscar").write_bytes(compress(loaded, load_image(path)[0], 5))
+    (tmp_path / "files" / "a.oscar").write_bytes(loaded.compress(load_image(path)[0], 5))
     (tmp_path / "files" / "b.oscar").write_bytes(b"\xc5 garbage")
-    save_png(decompress(cli_model, (tmp_path / "files" / "a.oscar").read_bytes()), tmp_path / "expected.png")
+    save_png(cli_model.decompress((tmp_path / "files" / "a.oscar").read_bytes()), tmp_path / "expected.png")
     result = subprocess.run(
         [sys.executable, str(ROOT / "decompress.py"), "--model", str(export), str(tmp_path / "files"),
          "-o", str(tmp_path / "dec"), "--device", "cpu"],
@@ -228,23 +227,12 @@ def test_index_priors_script_updates_the_export(export, loaded, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     assert "measured codebook usage on 3 image(s)" in printed and "| 7 | 256 | 288 |" in printed
-    config = json.loads((updated / "oscar_config.json").read_text())
-    assert config["model_zoo"] == json.loads((export / "oscar_config.json").read_text())["model_zoo"]
+    config = json.loads((updated / "codec_config.json").read_text())
+    assert config["model_zoo"] == json.loads((export / "codec_config.json").read_text())["model_zoo"]
     model = OSCARModel.from_pretrained(updated)
     assert config["fingerprint"] == f"{model.fingerprint():016x}" != f"{loaded.fingerprint():016x}"
     assert [int(c.sum()) > 0 for c in model.index_counts] == [lv in (0, 4, 7) for lv in range(8)]
     x = synthetic_batch(5, 64, 96)[4]
-    sizes = [(len(compress(model, x, lv)), len(compress(loaded, x, lv))) for lv in (0, 1, 4, 7)]
+    sizes = [(len(model.compress(x, lv)), len(loaded.compress(x, lv))) for lv in (0, 1, 4, 7)]
     assert all(new <= old for new, old in sizes) and any(new < old for new, old in sizes)
     assert sizes[1][0] == sizes[1][1]  # level 1 kept its uniform prior
-
-
-def test_bitstream_report_prints_the_tables(export, loaded, tmp_path, capsys, monkeypatch):
-    smooth_images(tmp_path / "imgs", 1, 32, 48)
-    script = load_script("bitstream_report")
-    monkeypatch.setattr(script, "load_model", lambda *args, **kwargs: loaded)
-    script.main(["--model", str(export), "--images", str(tmp_path / "imgs"), "--in-sample-priors", *CPU])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \| 0\.\d{4} \(", line)]
-    assert len(rows) == 8 and all("| 1 |" in row for row in rows)
-    assert "| model's | " in out and "| in-sample | " in out and "synthetic skewed" in out

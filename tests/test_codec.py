@@ -1,4 +1,4 @@
-"""utils.codec and utils.image_io on the tiny zoo: exact round trips, rate control, priors, every image kind."""
+"""The codec interface of OSCARModel and utils.image_io on the tiny zoo: exact round trips, rate control, priors, every image kind."""
 
 from __future__ import annotations
 
@@ -22,17 +22,8 @@ from models.oscar.bitstream import (
     read_header,
     write_bitstream,
 )
-from utils.codec import (
-    CodecError,
-    codec_info,
-    compress,
-    decompress,
-    file_size_bounds,
-    level_for_bpp,
-    level_for_max_bytes,
-    levels_by_rate,
-    measure_index_counts,
-)
+from models.blocks.codec_method import CodecError
+from models.oscar.priors import measure_index_counts
 from utils.image_io import (
     ImageReadError,
     InputPathError,
@@ -64,7 +55,7 @@ def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def max_file_bytes(model: OSCARModel, level: int, h: int, w: int) -> int:
-    info = codec_info(model)
+    info = model.codec_info()
     head = header_bits(w, h, info.norm_count, info.norm_bits)
     return math.ceil((head + model.rate_points[level].nominal_bits(h, w)) / 8)
 
@@ -76,9 +67,9 @@ def max_file_bytes(model: OSCARModel, level: int, h: int, w: int) -> int:
 def test_files_carry_exactly_the_symbols_at_every_level(model, size):
     h, w = size
     x = image(h, w, seed=h * w)
-    info = codec_info(model)
+    info = model.codec_info()
     for level in range(model.num_levels):
-        data = compress(model, x, level)
+        data = model.compress(x, level)
         coded = model.encode(x, level)
         back = read_bitstream(data, info)
         assert torch.equal(back.indices, coded.indices) and back.norm_codes == coded.norm_codes
@@ -94,48 +85,48 @@ def test_decompress_gives_the_pixels_of_decode(model, size):
     x = image(h, w, seed=7)
     levels = range(model.num_levels) if size == (64, 64) else (0, model.num_levels - 1)
     for level in levels:
-        data = compress(model, x, level)
-        y = decompress(model, data)
+        data = model.compress(x, level)
+        y = model.decompress(data)
         assert y.shape == (1, 3, h, w) and y.dtype == torch.float32
         assert torch.equal(y, model.decode(model.encode(x, level)))
-        assert torch.equal(decompress(model, data), y)  # same file, same pixels
+        assert torch.equal(model.decompress(data), y)  # same file, same pixels
 
 
 def test_codec_info_describes_the_model_and_is_cached(model, tiny_zoo):
-    info = codec_info(model)
-    assert info is codec_info(model)
+    info = model.codec_info()
+    assert info is model.codec_info()
     assert info.fingerprint == model.fingerprint()
     assert info.levels == [(p.downsamplings, p.codebook_size) for p in model.rate_points]
     assert (info.norm_count, info.norm_bits) == (model.latent_channels, model.config.norm_bits)
     assert all(p.is_uniform for p in info.priors)
     plain = make_model(tiny_zoo, latent_norms="none")
-    plain_info = codec_info(plain)
+    plain_info = plain.codec_info()
     assert (plain_info.norm_count, plain_info.norm_bits) == (0, 0)
     x = image(40, 56)
-    data = compress(plain, x, 1)
-    assert torch.equal(decompress(plain, data), plain.decode(plain.encode(x, 1)))
+    data = plain.compress(x, 1)
+    assert torch.equal(plain.decompress(data), plain.decode(plain.encode(x, 1)))
     with pytest.raises(ModelMismatchError):  # latent_norms is in the fingerprint
-        decompress(model, data)
+        model.decompress(data)
 
 
 def test_oracle_models_cannot_write_files(tiny_zoo):
     oracle = make_model(tiny_zoo, latent_norms="oracle")
     with pytest.raises(CodecError, match="oracle"):
-        compress(oracle, image(32, 32), 0)
+        oracle.compress(image(32, 32), 0)
 
 
 def test_another_model_is_refused(model, tiny_zoo):
     other = make_model(tiny_zoo, seed=1)
-    data = compress(model, image(64, 64), 3)
+    data = model.compress(image(64, 64), 3)
     with pytest.raises(ModelMismatchError, match="another model"):
-        decompress(other, data)
+        other.decompress(data)
 
 
 def test_image_outside_the_format_is_a_user_error(model):
     with pytest.raises(CodecError, match="70000x1"):
-        compress(model, torch.zeros(1, 3, 1, 70000), 0)
+        model.compress(torch.zeros(1, 3, 1, 70000), 0)
     with pytest.raises(CodecError, match="level 9"):
-        compress(model, image(8, 8), 9)
+        model.compress(image(8, 8), 9)
 
 
 # ---------------------------------------------------------------------------------------------- rate control
@@ -146,29 +137,29 @@ def test_level_for_bpp_is_the_highest_nominal_rate_not_above(model, size):
     h, w = size
     rates = sorted({model.nominal_bpp(lv, h, w) for lv in range(model.num_levels)})
     for target in [*rates, *(r * 1.01 for r in rates)]:
-        level = level_for_bpp(model, h, w, target)
+        level = model.level_for_bpp(h, w, target)
         best = max(r for r in rates if r <= target)
         assert model.nominal_bpp(level, h, w) == best
     with pytest.raises(CodecError, match=f"no level reaches .* {w}x{h}"):
-        level_for_bpp(model, h, w, rates[0] * 0.99)
-    assert levels_by_rate(model, h, w)[0] == max(range(model.num_levels), key=lambda lv: model.nominal_bpp(lv, h, w))
+        model.level_for_bpp(h, w, rates[0] * 0.99)
+    assert model.levels_by_rate(h, w)[0] == max(range(model.num_levels), key=lambda lv: model.nominal_bpp(lv, h, w))
 
 
 def test_level_for_max_bytes_picks_the_largest_file_that_fits(model):
     x = image(64, 96, seed=2)
-    sizes = {level: len(compress(model, x, level)) for level in range(model.num_levels)}
+    sizes = {level: len(model.compress(x, level)) for level in range(model.num_levels)}
     for budget in sorted(set(sizes.values())) + [max(sizes.values()) + 100]:
-        level, data = level_for_max_bytes(model, x, budget)
-        fitting = [lv for lv in levels_by_rate(model, 64, 96) if sizes[lv] <= budget]
+        level, data = model.compress_to_max_bytes(x, budget)
+        fitting = [lv for lv in model.levels_by_rate(64, 96) if sizes[lv] <= budget]
         assert level == fitting[0] and len(data) == sizes[level] <= budget
     with pytest.raises(CodecError, match="no level fits"):
-        level_for_max_bytes(model, x, min(sizes.values()) - 1)
+        model.compress_to_max_bytes(x, min(sizes.values()) - 1)
 
 
 def test_size_bounds_hold(model):
     for h, w in SIZES:
         for level in range(model.num_levels):
-            low, high = file_size_bounds(model, level, h, w)
+            low, high = model.file_size_bounds(level, h, w)
             assert low == high == max_file_bytes(model, level, h, w)  # uniform priors: FIXED, size known
 
 
@@ -192,28 +183,28 @@ def test_measured_priors_shrink_files_and_still_decode_exactly(tiny_zoo):
     counts = measure_index_counts(skewed, train)
     for level, c in enumerate(counts):
         assert c.dtype == torch.int64 and int(c.sum()) == 3 * math.prod(skewed.rate_points[level].token_grid(h, w))
-    uniform = codec_info(skewed)
+    uniform = skewed.codec_info()
     coded = [skewed.encode(test, level) for level in range(skewed.num_levels)]
     fixed = [write_bitstream(c, uniform) for c in coded]
 
     skewed.index_counts = counts  # deliberately without invalidate_fingerprint: codec_info must notice
-    info = codec_info(skewed)
+    info = skewed.codec_info()
     assert info.fingerprint != uniform.fingerprint and not info.priors[0].is_uniform
-    files = [compress(skewed, test, level) for level in range(skewed.num_levels)]
+    files = [skewed.compress(test, level) for level in range(skewed.num_levels)]
     for level, (data, old) in enumerate(zip(files, fixed)):
         assert len(data) <= len(old) == max_file_bytes(skewed, level, h, w)
         assert torch.equal(read_bitstream(data, info).indices, coded[level].indices)
-        low, high = file_size_bounds(skewed, level, h, w)
+        low, high = skewed.file_size_bounds(level, h, w)
         assert low <= len(data) <= high
     best = max(range(skewed.num_levels), key=lambda lv: len(fixed[lv]) - len(files[lv]))
     assert len(files[best]) < len(fixed[best]) and read_header(files[best]).mode == CodingMode.RANS
-    assert torch.equal(decompress(skewed, files[best]), skewed.decode(coded[best]))
+    assert torch.equal(skewed.decompress(files[best]), skewed.decode(coded[best]))
     with pytest.raises(ModelMismatchError):  # the priors are part of the model's identity
-        decompress(skewed, fixed[best])
+        skewed.decompress(fixed[best])
     # Rate control now has to encode for real: file sizes depend on the content.
-    order = levels_by_rate(skewed, h, w)
+    order = skewed.levels_by_rate(h, w)
     for budget in (len(files[best]), len(files[order[0]]) - 1):
-        level, data = level_for_max_bytes(skewed, test, budget)
+        level, data = skewed.compress_to_max_bytes(test, budget)
         assert level == next(lv for lv in order if len(files[lv]) <= budget) and data == files[level]
 
 
@@ -340,9 +331,9 @@ def test_4k_image_loads_and_plans_without_running_the_model(model, tmp_path):
     smooth_4k().save(tmp_path / "big.png")
     x, info = load_image(tmp_path / "big.png")
     assert x.shape == (1, 3, 2160, 3840) and (info.width, info.height) == (3840, 2160)
-    level = level_for_bpp(model, 2160, 3840, 0.05)
+    level = model.level_for_bpp(2160, 3840, 0.05)
     assert model.nominal_bpp(level, 2160, 3840) <= 0.05
-    low, high = file_size_bounds(model, level, 2160, 3840)
+    low, high = model.file_size_bounds(level, 2160, 3840)
     assert low == high == max_file_bytes(model, level, 2160, 3840)
 
 
@@ -353,7 +344,7 @@ def test_4k_image_encodes_with_vae_tiling(tiny_zoo, tmp_path):
     big.vae.tile_sample_min_size, big.vae.tile_latent_min_size = 512, 64  # the tiny VAE's 64-pixel tiles: 3600 calls
     smooth_4k().save(tmp_path / "big.png")
     x, _ = load_image(tmp_path / "big.png")
-    data = compress(big, x, 0)
+    data = big.compress(x, 0)
     assert len(data) == max_file_bytes(big, 0, 2160, 3840)
-    coded = read_bitstream(data, codec_info(big))
+    coded = read_bitstream(data, big.codec_info())
     assert (coded.height, coded.width) == (2160, 3840) and tuple(coded.indices.shape) == (34, 60)

@@ -12,15 +12,14 @@ from models.blocks.index_coder import (
     MAX_CODEBOOK_SIZE,
     PROB_SCALE,
     RANS_MIN_SYMBOLS,
-    BitstreamError,
     CodingMode,
-    CorruptBitstreamError,
     IndexPrior,
     bits_per_index,
     decode_indices,
     encode_indices,
     measure_throughput,
 )
+from models.blocks.container import BitstreamError, CorruptBitstreamError
 from utils.errors import UserError
 
 CODEBOOK_SIZES = (16, 32, 64, 128, 256, 1024, 2048, 8192)

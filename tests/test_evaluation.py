@@ -106,8 +106,9 @@ def test_stand_in_weights_and_anchor_bd_rate(tmp_path, export, images):
 
 
 def test_oracle_norms_are_labelled(tmp_path, export, images):
-    summary = run(tmp_path, export, images, "--set", 'metrics=["psnr"]', "--set", "latent_norms=\"oracle\"")
-    assert summary["latent_norms_oracle"] is True
+    summary = run(tmp_path, export, images, "--set", 'metrics=["psnr"]', "--set", 'model_overrides={"latent_norms": "oracle"}')
+    assert "oracle" in summary["side_information_leak"]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["side_information_leak"] == summary["side_information_leak"]
 
 
 def test_kodak(tmp_path, export, kodak_dir):

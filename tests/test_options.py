@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from utils.errors import OptionsError
-from models.oscar.options import EvalOptions, Stage1Options, Stage2Options
+from models.oscar.options import Stage1Options, Stage2Options
+from utils.evaluation.options import EvalOptions
 from utils.options import load_options, save_options, strip_json_comments
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [
-    ("options/train_hyper_enc.json", Stage1Options),
-    ("options/train_diff.json", Stage2Options),
+    ("options/oscar/train_hyper_enc.json", Stage1Options),
+    ("options/oscar/train_diff.json", Stage2Options),
     ("options/test.json", EvalOptions),
 ]
 
@@ -36,11 +37,11 @@ def test_shipped_option_files_load_and_round_trip(path, schema, tmp_path):
 
 
 def test_reference_defaults():
-    options = load_options(Stage2Options, ROOT / "options/train_diff.json")
+    options = load_options(Stage2Options, ROOT / "options/oscar/train_diff.json")
     assert options.model.timesteps == [500, 400, 310, 280, 210, 190, 170, 150]
     assert options.model.lora_rank == 16 and options.model.lora_alpha == 8.0
     assert options.optimizer.learning_rate == 5e-5 and options.data.batch_size == 8
-    stage1 = load_options(Stage1Options, ROOT / "options/train_hyper_enc.json")
+    stage1 = load_options(Stage1Options, ROOT / "options/oscar/train_hyper_enc.json")
     assert stage1.data.batch_size == 64 and stage1.train.max_steps == 10_000
 
 
@@ -87,7 +88,7 @@ def test_overrides(tmp_path):
 
 
 def test_stage2_cross_checks(tmp_path):
-    path = ROOT / "options/train_diff.json"
+    path = ROOT / "options/oscar/train_diff.json"
     with pytest.raises(OptionsError, match="model.timesteps: expected one timestep per level"):
         load_options(Stage2Options, path, ["model.timesteps=[1]"])
     with pytest.raises(OptionsError, match="hyper_encoder_checkpoints: expected one folder per level"):

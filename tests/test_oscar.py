@@ -13,7 +13,8 @@ from models.oscar.coded_image import CodedImage
 from models.blocks.one_step import predict_x0
 from models.oscar.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
 from models.blocks.lora import lora_parameters
-from models.oscar.model import ModelLoadError, OSCARModel
+from models.blocks.codec_method import ModelLoadError
+from models.oscar.model import OSCARModel
 from models.blocks.model_zoo import load_sd_components
 from models.oscar.options import HyperEncoderOptions, ModelOptions
 from models.blocks.padding import pad_to_multiple
@@ -261,9 +262,32 @@ def test_vae_tiling_auto(tiny_zoo):
 
 
 def test_export_errors(tmp_path, model, tiny_zoo):
-    with pytest.raises(ModelLoadError, match="not an exported OSCAR model"):
+    with pytest.raises(ModelLoadError, match="not an exported model"):
         OSCARModel.from_pretrained(tmp_path)
     export = model.save_pretrained(tmp_path / "m", zoo_path=str(tiny_zoo))
     (export / "unet_lora.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(ModelLoadError, match="cannot be loaded"):
         OSCARModel.from_pretrained(export)
+
+
+def test_version_1_export_still_loads(tmp_path, tiny_zoo):
+    """Exports written before the method registry (oscar_config.json, "format": "oscar-export") keep loading."""
+    import json
+
+    from models.registry import export_method, load_codec
+
+    model = OSCARModel(load_sd_components(tiny_zoo), small_options())  # the module's model is modified by tests
+    export = model.save_pretrained(tmp_path / "v2", zoo_path=str(tiny_zoo))
+    config = json.loads((export / "codec_config.json").read_text())
+    assert (config["method"], config["version"]) == ("oscar", 2)
+    expected = load_codec(export, device="cpu").fingerprint()
+    assert f"{expected:016x}" == config["fingerprint"]
+    legacy = {"format": "oscar-export", "version": 1, **{k: config[k] for k in ("model", "model_zoo", "fingerprint")}}
+    (export / "codec_config.json").unlink()
+    (export / "oscar_config.json").write_text(json.dumps(legacy))
+    assert export_method(export) == ("oscar", 1)
+    loaded = load_codec(export, device="cpu")
+    assert loaded.fingerprint() == expected
+    (export / "oscar_config.json").write_text(json.dumps({**legacy, "version": 3}))
+    with pytest.raises(ModelLoadError, match="version 3, expected 1"):
+        load_codec(export)

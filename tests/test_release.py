@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from models.oscar.model import ModelLoadError
+from models.blocks.codec_method import ModelLoadError
 from models.oscar.release import load_release_checkpoint, read_release_checkpoint
 from tests.release_fixture import fabricate_release, release_dict_from_model, release_layout
 from tests.test_oscar import image, small_options

@@ -1,4 +1,4 @@
-"""Stage-1 training (train_hyper_enc.py) and the shared training infrastructure (utils/training.py).
+"""Stage-1 training (train_hyper_enc.py) and the shared training infrastructure (utils/training/).
 
 Everything runs on the CPU with the tiny random-weight zoo, generated images and a narrow hyper-encoder, with
 ``main([...])`` called in-process. The central property: a run that is stopped (or interrupted by a signal) and
@@ -20,7 +20,8 @@ from torch import nn
 import train_hyper_enc
 from models.oscar.hyper_encoder import HyperEncoder
 from utils.data import make_dataloader, write_synthetic_images
-from models.oscar.options import OptimizerOptions, Stage1Options, TrainLoopOptions
+from models.oscar.options import Stage1Options
+from utils.option_sections import OptimizerOptions, TrainLoopOptions
 from utils.options import load_options
 from utils.training import (
     CheckpointManager,
@@ -41,7 +42,7 @@ from utils.training import (
     run_training_loop,
 )
 
-OPT_FILE = Path(__file__).resolve().parents[1] / "options" / "train_hyper_enc.json"
+OPT_FILE = Path(__file__).resolve().parents[1] / "options" / "oscar" / "train_hyper_enc.json"
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin is dict:
         return "object"
     return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -164,6 +164,10 @@ def _convert(value: Any, tp: Any, key: str, meta: dict[str, Any]) -> Any:
         if len(errors) == 1:
             raise errors[0]
         raise OptionsError(f"{key}: expected {_type_name(tp)}, got {json.dumps(value)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise OptionsError(f"{key}: expected an object {{...}}, got {json.dumps(value)}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

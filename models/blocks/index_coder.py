@@ -16,9 +16,6 @@ Safety of compressai's rANS (``compressai.ans``, 64-bit state, 16-bit precision)
 * Corruption is detected without spending a byte: a valid payload is exactly what the encoder writes for
   the symbols it decodes to, so decoding and re-encoding must reproduce it bit for bit. Truncation, trailing
   bytes and almost every bit flip fail that test (the flushed final state alone carries ~31 redundant bits).
-
-The error classes of the file format live here, not in ``models.oscar.bitstream``, because that module imports this
-one (it needs the coder); ``models.oscar.bitstream`` re-exports them.
 """
 
 from __future__ import annotations
@@ -31,21 +28,13 @@ import numpy as np
 import torch
 from compressai.ans import RansDecoder, RansEncoder
 
-from utils.errors import UserError
+from models.blocks.container import CorruptBitstreamError
 
 PRECISION = 16  # compressai's fixed rANS probability precision
 PROB_SCALE = 1 << PRECISION
 MAX_CODEBOOK_SIZE = 1 << 15  # every entry needs a nonzero 16-bit frequency, with room left for the prior
 RANS_MIN_SYMBOLS = 16  # below this compressai's encoder can overrun its output buffer (see module docstring)
 _RANS_FLUSH_BYTES = 8
-
-
-class BitstreamError(UserError):
-    """A file is not a valid OSCAR bitstream for this model; the message names what is wrong."""
-
-
-class CorruptBitstreamError(BitstreamError):
-    """The bitstream's content is inconsistent: bad field value, payload damaged, or trailing bytes."""
 
 
 class CodingMode(enum.IntEnum):

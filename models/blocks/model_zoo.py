@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from utils.errors import ModelZooError
+from utils.options import option
 
 DEFAULT_ZOO = "model_zoo/stable-diffusion-2-1"
 SUBFOLDERS = ("unet", "vae", "scheduler")
@@ -88,6 +89,13 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "tiny": (TINY_UNET, TINY_VAE, SD21_SCHEDULER),
     "sd21": (SD21_UNET, SD21_VAE, SD21_SCHEDULER),
 }
+
+
+@dataclass(kw_only=True)
+class ModelZooOptions:
+    """The ``model_zoo`` section of an option file."""
+
+    path: str = option(DEFAULT_ZOO, help="local diffusers-layout folder with unet/, vae/, scheduler/")
 
 
 @dataclass

@@ -19,42 +19,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.oscar.coded_image import CodedImage
+from models.blocks.codec_method import CodecError, CodecMethod, LevelInfo, Stage
+from models.blocks.index_coder import RANS_MIN_SYMBOLS, IndexPrior, bits_per_index
+from models.blocks.lora import add_oscar_lora, trainable_unet_state
+from models.blocks.model_zoo import SDComponents
 from models.blocks.one_step import predict_x0
+from models.blocks.padding import crop_to, pad_to_multiple
+from models.oscar.bitstream import METHOD_ID, CodecInfo, header_bits, read_bitstream, read_header, write_bitstream
+from models.oscar.coded_image import CodedImage
+from models.oscar.export import EXPORT_VERSION, load_export, save_export, zoo_digest
 from models.oscar.hyper_encoder import HyperEncoder
 from models.oscar.latent_norms import channel_rms, dequantize_rms, quantize_rms, rescale_to_rms
-from models.blocks.lora import add_oscar_lora, trainable_unet_state
+from models.oscar.options import HyperEncoderOptions, ModelOptions
 from models.oscar.rate_table import RatePoint, rate_point
-from models.blocks.state_dicts import state_dict_mismatch
-from utils.atomic import atomic_directory
-from utils.errors import UserError
-from models.blocks.model_zoo import SDComponents, load_sd_components
-from models.oscar.options import ModelOptions
-from utils.options import build_options, options_to_dict
-from models.blocks.padding import crop_to, pad_to_multiple
+from utils.options import options_to_dict
 
 PROMPT_TOKENS = 77  # SD's text-token count; the learned embedding takes the place of the text encoder
-EXPORT_FORMAT = "oscar-export"
-EXPORT_VERSION = 1
-CONFIG_FILE = "oscar_config.json"
-UNET_FILE = "unet_lora.safetensors"
-PROMPT_FILE = "prompt_embedding.safetensors"
-PRIORS_FILE = "index_priors.safetensors"
-
-
-class ModelLoadError(UserError):
-    """An exported model folder or a checkpoint that cannot be loaded (missing, truncated, wrong layout)."""
 
 
 @dataclass
@@ -68,8 +57,13 @@ class OSCAROutput:
     vq_loss: torch.Tensor
 
 
-class OSCARModel(nn.Module):
+class OSCARModel(nn.Module, CodecMethod):
     """Frozen SD-2.1 VAE and UNet with OSCAR's trainable parts; see the module docstring for the dataflow."""
+
+    method_name = "oscar"
+    method_id = METHOD_ID
+    export_version = EXPORT_VERSION
+    file_suffix = ".oscar"
 
     def __init__(self, sd: SDComponents, config: ModelOptions, *, lora: bool = True) -> None:
         super().__init__()
@@ -101,6 +95,7 @@ class OSCARModel(nn.Module):
         self.register_buffer("timesteps", torch.tensor(config.timesteps, dtype=torch.long), persistent=False)
         self._fingerprint: int | None = None
         self._fingerprint_frozen = False
+        self._codec_info: CodecInfo | None = None
         self._index_counts = [torch.zeros(p.codebook_size, dtype=torch.int64) for p in self.rate_points]
 
     @property
@@ -121,8 +116,8 @@ class OSCARModel(nn.Module):
     # ------------------------------------------------------------------------------------------ geometry
 
     @property
-    def num_levels(self) -> int:
-        return len(self.rate_points)
+    def levels(self) -> list[LevelInfo]:
+        return [LevelInfo(f"{p.label_bpp:g} bpp", p.label_bpp) for p in self.rate_points]
 
     @property
     def device(self) -> torch.device:
@@ -142,8 +137,8 @@ class OSCARModel(nn.Module):
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def check_level(self, level: int) -> RatePoint:
-        if not 0 <= level < self.num_levels:
-            raise ValueError(f"level {level}: expected 0..{self.num_levels - 1} ({self.num_levels} levels)")
+        if not 0 <= level < len(self.rate_points):
+            raise CodecError(f"level {level}: this model has levels 0..{len(self.rate_points) - 1}")
         return self.rate_points[level]
 
     def nominal_bpp(self, level: int, height: int, width: int) -> float:
@@ -220,15 +215,15 @@ class OSCARModel(nn.Module):
 
     # -------------------------------------------------------------------------------- encoder / decoder
 
-    @torch.no_grad()
-    def encode(self, image: torch.Tensor, level: int) -> CodedImage:
-        """Encoder side: an image ``(1, 3, H, W)`` in [-1, 1] to its symbols at ``level``."""
+    def _image_latent(self, image: torch.Tensor, level: int) -> torch.Tensor:
+        """The VAE latent of the image padded to the level's stride (fp32)."""
         point = self.check_level(level)
         if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
             raise ValueError(f"expected one RGB image of shape (1, 3, H, W), got {tuple(image.shape)}")
-        height, width = image.shape[-2:]
-        x = pad_to_multiple(image.to(self.device), point.pixel_stride)
-        z = self.image_to_latent(x).float()
+        return self.image_to_latent(pad_to_multiple(image.to(self.device), point.pixel_stride)).float()
+
+    def _latent_symbols(self, z: torch.Tensor, level: int, height: int, width: int) -> CodedImage:
+        """Hyper-encoder indices (and the transmitted norm codes) of a latent."""
         indices = self.hyper_encoders[level].encode(z)[0]
         norm_codes = None
         if self.config.latent_norms == "transmit":
@@ -236,13 +231,13 @@ class OSCARModel(nn.Module):
         return CodedImage(level=level, height=int(height), width=int(width), indices=indices.cpu(), norm_codes=norm_codes)
 
     @torch.no_grad()
-    def decode(self, coded: CodedImage, oracle_rms: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder side: symbols to an image ``(1, 3, H, W)`` in [-1, 1], using only what was transmitted.
+    def encode(self, image: torch.Tensor, level: int) -> CodedImage:
+        """Encoder side: an image ``(1, 3, H, W)`` in [-1, 1] to its symbols at ``level``."""
+        z = self._image_latent(image, level)
+        return self._latent_symbols(z, level, image.shape[-2], image.shape[-1])
 
-        ``oracle_rms`` (the original latent's channel RMS, shape ``(1, C)``) is used only when the model is
-        configured with ``latent_norms="oracle"``: the reference's behaviour, which leaks encoder-side
-        information that is not counted in the rate, kept so that results can be compared.
-        """
+    def _hyper_decode(self, coded: CodedImage, oracle_rms: torch.Tensor | None = None) -> torch.Tensor:
+        """Symbols to the UNet's input latent: hyper-decoder, then the rescale to the transmitted norms."""
         point = self.check_level(coded.level)
         expected = point.token_grid(coded.height, coded.width)
         if tuple(coded.indices.shape) != expected:
@@ -262,15 +257,137 @@ class OSCARModel(nn.Module):
             if oracle_rms is None:
                 raise ValueError("latent_norms='oracle' needs the original latent's channel RMS (oracle_rms)")
             target = oracle_rms.to(self.device)
-        latent_hat = self._rescale(latent_hat, target)
-        x0 = self.denoise(latent_hat, coded.level)
-        return crop_to(self.latent_to_image(x0), coded.height, coded.width).float()
+        return self._rescale(latent_hat, target)
+
+    def _latent_image(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return crop_to(self.latent_to_image(x0), height, width).float()
+
+    @torch.no_grad()
+    def decode(self, coded: CodedImage, oracle_rms: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder side: symbols to an image ``(1, 3, H, W)`` in [-1, 1], using only what was transmitted.
+
+        ``oracle_rms`` (the original latent's channel RMS, shape ``(1, C)``) is used only when the model is
+        configured with ``latent_norms="oracle"``: the reference's behaviour, which leaks encoder-side
+        information that is not counted in the rate, kept so that results can be compared.
+        """
+        x0 = self.denoise(self._hyper_decode(coded, oracle_rms), coded.level)
+        return self._latent_image(x0, coded.height, coded.width)
 
     @torch.no_grad()
     def latent_rms(self, image: torch.Tensor, level: int) -> torch.Tensor:
         """Channel RMS of the padded image's latent (what ``latent_norms="oracle"`` decoding receives)."""
         x = pad_to_multiple(image.to(self.device), self.check_level(level).pixel_stride)
         return channel_rms(self.image_to_latent(x))
+
+    # ------------------------------------------------------------------------------ files (CodecMethod)
+
+    def codec_info(self) -> CodecInfo:
+        """What the file format needs from the model: fingerprint, level geometry, priors, side information.
+
+        Cached and rebuilt when the fingerprint or the priors change (assigning ``index_counts`` resets the
+        fingerprint): a file must never carry the identity of other priors than it was coded with.
+        """
+        cached = self._codec_info
+        if cached is not None:
+            if not _same_counts(cached.priors, self.index_counts):
+                self.invalidate_fingerprint()  # counts edited in place (assigning the list resets it already)
+            elif cached.fingerprint == self.fingerprint():
+                return cached
+        priors = []
+        for level, (counts, point) in enumerate(zip(self.index_counts, self.rate_points)):
+            try:
+                priors.append(IndexPrior.from_counts(counts, point.codebook_size))
+            except ValueError as err:  # e.g. priors of another codebook size in a hand-edited export
+                raise CodecError(f"index prior of level {level}: {err}") from None
+        transmit = self.config.latent_norms == "transmit"
+        info = CodecInfo(
+            fingerprint=self.fingerprint(),
+            levels=[(p.downsamplings, p.codebook_size) for p in self.rate_points],
+            priors=priors,
+            norm_count=self.latent_channels if transmit else 0,
+            norm_bits=self.config.norm_bits if transmit else 0,
+        )
+        self._codec_info = info
+        return info
+
+    def check_file_mode(self) -> None:
+        if self.config.latent_norms == "oracle":
+            raise CodecError(
+                "the model is configured with latent_norms='oracle', which needs the original image at decoding; "
+                "files need 'transmit' (or 'none')"
+            )
+
+    def encode_stages(self, level: int) -> list[Stage]:
+        state: dict[str, int] = {}
+
+        def vae_encoder(image: torch.Tensor) -> torch.Tensor:
+            state["height"], state["width"] = int(image.shape[-2]), int(image.shape[-1])
+            return self._image_latent(image, level)
+
+        return [
+            Stage("vae_encoder", "VAE enc", "encode", vae_encoder),
+            Stage("hyper_encoder", "hyper-enc", "encode",
+                  lambda z: self._latent_symbols(z, level, state["height"], state["width"])),
+            Stage("entropy_encode", "EC enc", "encode", lambda coded: write_bitstream(coded, self.codec_info()),
+                  entropy=True),
+        ]
+
+    def decode_stages(self) -> list[Stage]:
+        def hyper_decoder(coded: CodedImage) -> tuple[torch.Tensor, CodedImage]:
+            return self._hyper_decode(coded), coded
+
+        def unet(state: tuple[torch.Tensor, CodedImage]) -> tuple[torch.Tensor, CodedImage]:
+            return self.denoise(state[0], state[1].level), state[1]
+
+        return [
+            Stage("entropy_decode", "EC dec", "decode", lambda data: read_bitstream(data, self.codec_info()),
+                  entropy=True),
+            Stage("hyper_decoder", "hyper-dec", "decode", hyper_decoder),
+            Stage("unet", "UNet", "decode", unet),
+            Stage("vae_decoder", "VAE dec", "decode", lambda s: self._latent_image(s[0], s[1].height, s[1].width)),
+        ]
+
+    def roundtrip(self, image: torch.Tensor, level: int, write: Callable[[bytes], bytes]) -> torch.Tensor:
+        """With ``latent_norms="oracle"`` the decoder is handed the original latent's norms (no file carries them)."""
+        if self.config.latent_norms != "oracle":
+            return super().roundtrip(image, level, write)
+        info = self.codec_info()
+        data = write(write_bitstream(self.encode(image, level), info))
+        return self.decode(read_bitstream(data, info), oracle_rms=self.latent_rms(image, level))
+
+    @property
+    def side_information_leak(self) -> str | None:
+        if self.config.latent_norms == "oracle":
+            return "latent norms of the original image (oracle, not transmitted)"
+        return None
+
+    def level_header(self, data: bytes) -> tuple[int, int, int]:
+        header = read_header(data)
+        return header.level, header.width, header.height
+
+    def file_size_bounds(self, level: int, height: int, width: int) -> tuple[int, int]:
+        """(smallest, largest) possible file size in bytes, known before encoding.
+
+        The largest is the fixed-length file. The smallest equals it when rANS cannot win: fewer tokens than rANS
+        accepts, or a uniform prior over a power-of-two codebook (rANS then spends exactly log2 K bits per token
+        plus its 8-byte flush). Otherwise a rANS file is at least the header plus that flush.
+        """
+        info = self.codec_info()
+        gh, gw = info.grid(level, height, width)
+        count = gh * gw
+        prior = info.priors[level]
+        head = header_bits(width, height, info.norm_count, info.norm_bits)
+        largest = math.ceil((head + count * bits_per_index(prior.codebook_size)) / 8)
+        size = prior.codebook_size
+        rans_possible = count >= RANS_MIN_SYMBOLS and not (prior.is_uniform and size & (size - 1) == 0)
+        smallest = min(largest, math.ceil(head / 8) + 8) if rans_possible else largest
+        return smallest, largest
+
+    def prepare_for_inference(self, precision: str | None = "fp32", *, fast_encoder: bool = True, **kwargs: Any) -> "OSCARModel":
+        """See :func:`models.oscar.fast_inference.prepare_for_inference` (keyword arguments are passed on)."""
+        from models.oscar.fast_inference import prepare_for_inference  # that module builds on this one
+
+        return prepare_for_inference(self, precision, fast_encoder=fast_encoder, **kwargs)
 
     # ------------------------------------------------------------------------------- trainable weights
 
@@ -323,24 +440,8 @@ class OSCARModel(nn.Module):
     # ------------------------------------------------------------------------------------ export format
 
     def save_pretrained(self, out_dir: str | os.PathLike[str], zoo_path: str | None = None) -> Path:
-        """Write the exported model: options + safetensors, loadable by :meth:`from_pretrained`."""
-        out = Path(out_dir)
-        with atomic_directory(out) as tmp:  # an existing export is replaced only once the new one is complete
-            for i, encoder in enumerate(self.hyper_encoders):
-                encoder.save_pretrained(tmp / "hyper_encoders" / f"level_{i}", safe_serialization=True)
-            unet_state = {k: v.detach().cpu().contiguous() for k, v in trainable_unet_state(self.unet).items()}
-            save_file(unet_state, tmp / UNET_FILE)
-            save_file({"prompt_embedding": self.prompt_embedding.detach().cpu().contiguous()}, tmp / PROMPT_FILE)
-            save_file({f"level_{i}": c.cpu().contiguous() for i, c in enumerate(self.index_counts)}, tmp / PRIORS_FILE)
-            config = {
-                "format": EXPORT_FORMAT,
-                "version": EXPORT_VERSION,
-                "model": options_to_dict(self.config),
-                "model_zoo": str(zoo_path if zoo_path is not None else self.zoo_path),
-                "fingerprint": f"{self.fingerprint():016x}",
-            }
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        return out
+        """Write the exported model (see :mod:`models.oscar.export`), loadable by :meth:`from_pretrained`."""
+        return save_export(self, out_dir, zoo_path)
 
     @classmethod
     def from_pretrained(
@@ -348,41 +449,11 @@ class OSCARModel(nn.Module):
         model_dir: str | os.PathLike[str],
         zoo_path: str | os.PathLike[str] | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
         overrides: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> "OSCARModel":
-        """Load an exported model on the SD zoo it names (or ``zoo_path``); ``overrides`` change model options."""
-        model_dir = Path(model_dir)
-        config = read_export_config(model_dir)
-        raw_model = dict(config["model"])
-        raw_model.update(overrides or {})
-        options = build_options(ModelOptions, raw_model, f"{model_dir / CONFIG_FILE}: model")
-        zoo = Path(zoo_path) if zoo_path is not None else Path(config["model_zoo"])
-        if not zoo.is_absolute() and not zoo.exists() and (model_dir / zoo).exists():
-            zoo = model_dir / zoo
-        sd = load_sd_components(zoo, device="cpu", dtype=torch.float32)
-        model = cls(sd, options)
-        try:
-            for i, encoder in enumerate(model.hyper_encoders):
-                loaded = HyperEncoder.from_pretrained(model_dir / "hyper_encoders" / f"level_{i}")
-                encoder.load_state_dict(loaded.state_dict())
-            load_unet_trainable(model.unet, load_file(model_dir / UNET_FILE), str(model_dir / UNET_FILE))
-            model.prompt_embedding.data.copy_(load_file(model_dir / PROMPT_FILE)["prompt_embedding"])
-            if (model_dir / PRIORS_FILE).is_file():
-                priors = load_file(model_dir / PRIORS_FILE)
-                model.index_counts = [priors[f"level_{i}"].to(torch.int64) for i in range(model.num_levels)]
-        except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"{model_dir}: exported model cannot be loaded ({message})") from None
-        # The identity is taken from the stored fp32 weights, before any cast: the same export loaded in another
-        # precision reads the same files.
-        stored = config.get("fingerprint")
-        if stored and model.fingerprint() != int(stored, 16) and not overrides:
-            warnings.warn(
-                f"{model_dir}: fingerprint {model.fingerprint():016x} differs from the exported {stored} (another "
-                f"model zoo than at export?); files written with the exported model will be refused",
-                stacklevel=2,
-            )
+        """Load an export (version 1 or 2) on the SD zoo it names (or ``zoo_path``); ``overrides`` change options."""
+        model = load_export(cls, model_dir, zoo_path, overrides)
         return model.to(device=device, dtype=dtype).eval()
 
     def to(self, *args: Any, **kwargs: Any) -> "OSCARModel":  # type: ignore[override]
@@ -391,46 +462,59 @@ class OSCARModel(nn.Module):
         self.hyper_encoders.float()
         return self
 
+    # ------------------------------------------------------------------- random-weight presets (benchmark)
 
-def read_export_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ModelLoadError(
-            f"{model_dir}: not an exported OSCAR model ({CONFIG_FILE} not found); export one with train_diff.py "
-            f"or `python scripts/make_model_zoo.py --preset tiny --out ZOO --export-model DIR`"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{path}: invalid JSON ({err})") from None
-    if config.get("format") != EXPORT_FORMAT:
-        raise ModelLoadError(f"{path}: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    if config.get("version") != EXPORT_VERSION:
-        raise ModelLoadError(f"{path}: version {config.get('version')!r}, this code reads version {EXPORT_VERSION}")
-    for key in ("model", "model_zoo"):
-        if key not in config:
-            raise ModelLoadError(f"{path}: key {key!r} missing")
-    return config
+    presets = ("tiny", "sd21")
+
+    @classmethod
+    def random_preset(cls, preset: str, seed: int = 0) -> "OSCARModel":
+        """OSCAR on a preset architecture with seeded random weights, fp32 on the CPU (no zoo is read).
+
+        ``tiny``: the test architecture with small hyper-encoders (:data:`RANDOM_TINY_OPTIONS`), its VAE tiled like
+        SD-2.1's; ``sd21``: the real SD-2.1 UNet and VAE with the release's model options. LoRA B matrices are drawn
+        with std :data:`RANDOM_LORA_B_STD` (peft starts them at zero) so that merging has something to merge.
+        """
+        from models.blocks.model_zoo import build_sd_components
+
+        if preset not in cls.presets:
+            raise ValueError(f"preset {preset!r}: expected one of {', '.join(cls.presets)}")
+        options = RANDOM_TINY_OPTIONS if preset == "tiny" else ModelOptions()
+        torch.manual_seed(seed)
+        model = cls(build_sd_components(preset, seed=seed), options).eval()
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.unet.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * RANDOM_LORA_B_STD)
+        if preset == "tiny":
+            use_sd21_tiles(model.vae)
+        return model.requires_grad_(False)
 
 
-def load_unet_trainable(unet: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load LoRA + conv_in tensors into a UNet that has OSCAR's adapters; every expected key must be present."""
-    problem = state_dict_mismatch(trainable_unet_state(unet), state)
-    if problem:
-        raise ModelLoadError(f"{source}: UNet weights do not match this model ({problem})")
-    unet.load_state_dict(state, strict=False)
+def _same_counts(priors: list[IndexPrior], counts: list[torch.Tensor]) -> bool:
+    return len(priors) == len(counts) and all(
+        tuple(c.shape) == (p.codebook_size,) and bool((c.detach().cpu() == p.to_tensor()).all())
+        for p, c in zip(priors, counts)
+    )
 
 
-def zoo_digest(path: Path) -> str:
-    """Cheap identity of the SD weight files: size plus the first and last MiB of each (not a full hash)."""
-    digest = hashlib.sha256()
-    for sub in ("unet", "vae"):
-        for weight_file in sorted((Path(path) / sub).glob("diffusion_pytorch_model*")):
-            size = weight_file.stat().st_size
-            digest.update(f"{sub}/{weight_file.name}:{size}".encode())
-            with open(weight_file, "rb") as f:
-                digest.update(f.read(1 << 20))
-                if size > 2 << 20:
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    digest.update(f.read())
-    return digest.hexdigest()
+# ------------------------------------------------------------------- random-weight presets (OSCARModel.random_preset)
+
+# The tiny preset's options (also make_model_zoo.py --preset tiny --export-model): small hyper-encoders, rank-4 LoRA.
+RANDOM_TINY_OPTIONS = ModelOptions(
+    hyper_encoder=HyperEncoderOptions(channels=32, hyper_dim=64, codebook_dim=16), lora_rank=4, lora_alpha=2.0
+)
+RANDOM_LORA_B_STD = 0.01
+
+
+def use_sd21_tiles(vae: nn.Module) -> None:
+    """Tile a (tiny) VAE like SD-2.1's (768-pixel tiles) instead of by its own ``config.sample_size``.
+
+    diffusers sizes tiles by ``config.sample_size``; the tiny zoo's 64 would cut a 2048x1365 image into 1,247
+    tiles and time diffusers' Python loop rather than anything SD-2.1 does (12 tiles).
+    """
+    from models.blocks.model_zoo import SD21_VAE
+
+    tile = SD21_VAE["sample_size"]
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,32 +1,20 @@
-"""The option schemas of the entry points: one dataclass tree per JSON option file.
+"""OSCAR's option schemas: the model, stage 1 (train_hyper_enc.py) and stage 2 (train_diff.py).
 
 Defaults are the reference's hyper-parameters (../shared/reference/oscar_method.md); the shipped files in
-``options/`` spell them out with comments. Each section is shared where the entry points share a concept
-(``model_zoo``, ``runtime``, ``model``).
+``options/oscar/`` spell them out with comments. Sections every method shares (runtime, data, optimizer,
+training loop) come from :mod:`utils.option_sections`; the SD model zoo section from the model-zoo block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.blocks.model_zoo import ModelZooOptions
 from models.oscar.rate_table import DEFAULT_LEVEL_BPPS, DEFAULT_TIMESTEPS, RATE_TABLE, rate_point
-from models.blocks.model_zoo import DEFAULT_ZOO
+from utils.option_sections import DataOptions, OptimizerOptions, RuntimeOptions, TrainLoopOptions
 from utils.options import option, required
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
 RATE_LABELS = tuple(p.label_bpp for p in RATE_TABLE)
-
-
-@dataclass(kw_only=True)
-class ModelZooOptions:
-    path: str = option(DEFAULT_ZOO, help="local diffusers-layout folder with unet/, vae/, scheduler/")
-
-
-@dataclass(kw_only=True)
-class RuntimeOptions:
-    device: str = option("auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    precision: str = option("fp32", choices=PRECISION_CHOICES, help="weights and activations of frozen parts")
-    seed: int = option(0, min=0, help="seed of every random number generator")
 
 
 @dataclass(kw_only=True)
@@ -75,53 +63,6 @@ class ModelOptions:
             if not 0 <= t < 1000:
                 return f"timesteps[{i}]", f"expected a timestep in [0, 999], got {t}"
         return None
-
-
-@dataclass(kw_only=True)
-class DataOptions:
-    train_roots: list[str] = required(help="folders of training images (searched recursively)")
-    val_root: str | None = option(None, help="folder of validation images (whole images), or null")
-    max_val_images: int = option(8, min=1, help="validate on at most this many images")
-    patch_size: int = option(256, min=64, help="training crop size in pixels (multiple of 64)")
-    batch_size: int = option(64, min=1, help="images per step and process")
-    num_workers: int = option(4, min=0, help="data-loading worker processes")
-    small_images: str = option("pad", choices=("pad", "skip"), help="images smaller than patch_size + 8")
-
-    def check(self) -> tuple[str, str] | None:
-        if not self.train_roots:
-            return "train_roots", "expected at least one folder"
-        if self.patch_size % 64:
-            return "patch_size", f"expected a multiple of 64, got {self.patch_size}"
-        return None
-
-
-@dataclass(kw_only=True)
-class OptimizerOptions:
-    learning_rate: float = option(5e-5, min=0.0, min_exclusive=True)
-    betas: list[float] = option(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = option(1e-2, min=0.0)
-    eps: float = option(1e-8, min=0.0, min_exclusive=True)
-    max_grad_norm: float = option(1.0, min=0.0, help="gradient-norm clip (0 = off)")
-    lr_scheduler: str = option("constant", choices=("constant", "constant_with_warmup", "cosine", "linear"))
-    lr_warmup_steps: int = option(0, min=0)
-
-    def check(self) -> tuple[str, str] | None:
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            return "betas", f"expected two numbers in [0, 1), got {self.betas}"
-        return None
-
-
-@dataclass(kw_only=True)
-class TrainLoopOptions:
-    max_steps: int = option(10_000, min=1)
-    checkpoint_every: int = option(1000, min=1)
-    checkpoints_total_limit: int = option(3, min=1, help="keep the last N checkpoints")
-    validate_every: int = option(1000, min=1)
-    log_every: int = option(10, min=1)
-    gradient_accumulation_steps: int = option(1, min=1)
-    mixed_precision: str = option("no", choices=("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = option(False)
-    log_with: str = option("tensorboard", choices=("tensorboard", "wandb", "none"))
 
 
 @dataclass(kw_only=True)
@@ -180,28 +121,4 @@ class Stage2Options:
         lo_hi = self.disc_timestep_range
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1000:
             return "disc_timestep_range", f"expected [low, high] with 0 <= low < high <= 1000, got {lo_hi}"
-        return None
-
-
-@dataclass(kw_only=True)
-class EvalOptions:
-    """test.py: evaluate an exported model on image folders through real files."""
-
-    name: str = option("test", help="run name; outputs go to <output_root>/<name>")
-    output_root: str = option("runs")
-    model_dir: str = required(help="exported model folder (written by train_diff.py or make_model_zoo --export-model)")
-    datasets: list[str] = required(help="folders of test images")
-    levels: list[int] | None = option(None, help="level indices to evaluate (null = all)")
-    metrics: list[str] | None = option(None, help="metric names (null = every metric whose weights are present)")
-    skip_missing_metrics: bool = option(False, help="skip a metric whose weights are missing instead of stopping")
-    runtime: RuntimeOptions = option(default_factory=RuntimeOptions)
-    model_zoo: str | None = option(None, help="SD zoo folder (null = the one the exported model names)")
-    latent_norms: str | None = option(None, choices=(None, "transmit", "none", "oracle"), help="override the model's")
-    fast_inference: bool = option(True, help="merged LoRA, SDPA, channels_last; runtime.precision for UNet/VAE decoder")
-    anchors: str | None = option("options/anchors_published.json", help="published RD points to draw (or null)")
-    bd_anchor: str | None = option(None, help="method name in the anchors file to compute BD-rates against")
-
-    def check(self) -> tuple[str, str] | None:
-        if not self.datasets:
-            return "datasets", "expected at least one folder"
         return None

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from models.blocks.lora import ADAPTER_GROUPS
-from models.oscar.model import ModelLoadError, OSCARModel, load_unet_trainable
+from models.blocks.codec_method import ModelLoadError
+from models.oscar.export import load_unet_trainable
+from models.oscar.model import OSCARModel
 from models.blocks.state_dicts import state_dict_mismatch
 from models.blocks.model_zoo import SDComponents
 from models.oscar.options import ModelOptions

@@ -1,7 +1,7 @@
-"""Evaluation through real files: every image at every level goes image -> .oscar file -> image.
+"""Evaluation through real files: every image at every level goes image -> file -> image, for any codec method.
 
 Rates are measured from the files on disk (bytes x 8 / original pixels, header included) and reported next to
-the nominal rate of the rate table. Reconstructions are saved as PNG and scored against the original they were
+the level's nominal rate. Reconstructions are saved as PNG and scored against the original they were
 made from (paired by file name). Outputs of one run (``<output_root>/<name>/``):
 
 * ``per_image.csv``: dataset, image, level, bpp label, nominal and actual bpp, bytes, one column per metric;
@@ -9,10 +9,11 @@ made from (paired by file name). Outputs of one run (``<output_root>/<name>/``):
 * ``results_<dataset>.json``: CompressAI-style ``{name, description, results: {bpp: [...], <metric>: [...]}}``;
 * ``rd_<metric>.png`` per dataset (with published anchors when given) and ``bd_rate.json`` against an anchor;
 * ``options.json`` (resolved options), ``failures.txt`` when an input could not be read;
-* ``<dataset>/level_<l>/<image>.oscar`` and ``.png``: the files and their reconstructions.
+* ``<dataset>/level_<l>/<image><suffix>`` (e.g. ``.oscar``) and ``.png``: the files and their reconstructions.
 
-With ``latent_norms="oracle"`` (the reference's behaviour) the decoder is handed the original latent's norms,
-which no file carries: results are labelled as leaking side information.
+A model in a comparison mode whose decoder uses encoder-side information that no file carries (OSCAR's
+``latent_norms="oracle"``, the reference's behaviour) says so in ``side_information_leak``; its results are
+labelled as leaking side information in the summary and the plots.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.oscar.model import OSCARModel
-from models.oscar.bitstream import read_bitstream, write_bitstream
-from utils.codec import codec_info, compress, decompress
+from models.blocks.codec_method import CodecMethod
 from utils.errors import UserError
 from utils.image_io import describe_file_error, list_images, load_image, save_png, write_atomic
 from utils.evaluation.metrics import METRICS, MetricSuite
@@ -64,20 +63,19 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _code_and_decode(model: OSCARModel, image: torch.Tensor, level: int, path: Path) -> tuple[torch.Tensor, int]:
+def _code_and_decode(model: CodecMethod, image: torch.Tensor, level: int, path: Path) -> tuple[torch.Tensor, int]:
     """Write the file, read it back from disk, decode it; returns the reconstruction and the file size."""
-    if model.config.latent_norms == "oracle":
-        info = codec_info(model)
-        write_atomic(path, write_bitstream(model.encode(image, level), info))
-        data = path.read_bytes()
-        return model.decode(read_bitstream(data, info), oracle_rms=model.latent_rms(image, level)), len(data)
-    write_atomic(path, compress(model, image, level))
-    data = path.read_bytes()
-    return decompress(model, data), len(data)
+
+    def write_and_read_back(data: bytes) -> bytes:
+        write_atomic(path, data)
+        return path.read_bytes()
+
+    y = model.roundtrip(image, level, write_and_read_back)
+    return y, path.stat().st_size
 
 
 def evaluate(
-    model: OSCARModel,
+    model: CodecMethod,
     datasets: list[str],
     out_dir: Path,
     suite: MetricSuite,
@@ -108,13 +106,14 @@ def evaluate(
     records: list[ImageRecord] = []
     failures: list[str] = []
     dataset_scores: dict[tuple[str, int], dict[str, float]] = {}
-    leak = model.config.latent_norms == "oracle"
+    leak = model.side_information_leak
+    device = next(model.parameters()).device
     for dataset, files in inputs.items():
         for level in levels:
             suite.reset()
-            point = model.rate_points[level]
+            level_info = model.levels[level]
             scored = 0
-            for item in tqdm(files, desc=f"{dataset} level {level} ({point.label_bpp} bpp)", unit="img"):
+            for item in tqdm(files, desc=f"{dataset} level {level} ({level_info.label})", unit="img"):
                 try:
                     image, info = load_image(item.path)
                 except UserError as err:
@@ -124,12 +123,12 @@ def evaluate(
                     continue
                 stem = item.relative.with_suffix("")
                 folder = out_dir / dataset / f"level_{level}"
-                x = image.to(model.device)
-                y, size = _code_and_decode(model, x, level, folder / f"{stem}.oscar")
+                x = image.to(device)
+                y, size = _code_and_decode(model, x, level, folder / f"{stem}{model.file_suffix}")
                 save_png(y, folder / f"{stem}.png")
                 h, w = info.height, info.width
                 record = ImageRecord(
-                    dataset=dataset, image=str(stem), level=level, bpp_label=point.label_bpp,
+                    dataset=dataset, image=str(stem), level=level, bpp_label=level_info.bpp_label,
                     nominal_bpp=model.nominal_bpp(level, h, w), actual_bpp=size * 8 / (h * w), bytes=size,
                     metrics=suite.per_image(y, x),
                 )
@@ -144,6 +143,7 @@ def evaluate(
 
     metric_names = [n for n in suite.names if METRICS[n].kind != "dataset"]
     summary = summarize(records, dataset_scores, metric_names, leak)
+    summary["method"] = model.method_name
     write_outputs(out_dir, records, summary, metric_names, failures)
     all_metrics = metric_names + list(suite.dataset_names)
     for dataset in inputs:
@@ -152,7 +152,7 @@ def evaluate(
             continue
         # Published points are drawn only on the dataset they were measured on (matched by folder name).
         dataset_anchors = [a for a in anchors if a.dataset.lower() == dataset.lower()]
-        legend = "this work (oracle norms: leaks side info)" if leak else "this work (actual bpp)"
+        legend = f"{model.method_name}, this codebase ({'leaks side info: ' + leak if leak else 'actual bpp'})"
         curve_records = [{"bpp": s["actual_bpp"], **{m: s.get(m, math.nan) for m in all_metrics}} for s in curve]
         plot_rd_curves({legend: curve_records}, all_metrics, out_dir / f"plots_{dataset}", dataset_anchors, title=dataset)
         if bd_anchor and any(a.method == bd_anchor for a in dataset_anchors):
@@ -165,7 +165,10 @@ def evaluate(
 
 
 def summarize(
-    records: list[ImageRecord], dataset_scores: dict[tuple[str, int], dict[str, float]], metric_names: list[str], leak: bool
+    records: list[ImageRecord],
+    dataset_scores: dict[tuple[str, int], dict[str, float]],
+    metric_names: list[str],
+    leak: str | None,
 ) -> dict[str, Any]:
     groups: dict[tuple[str, int], list[ImageRecord]] = {}
     for r in records:
@@ -180,7 +183,7 @@ def summarize(
         row |= {m: _mean([r.metrics.get(m, math.nan) for r in group]) for m in metric_names}
         row |= dataset_scores.get((dataset, level), {})
         rows.append(row)
-    return {"latent_norms_oracle": leak, "levels": rows}
+    return {"side_information_leak": leak, "levels": rows}
 
 
 def write_outputs(
@@ -193,7 +196,8 @@ def write_outputs(
         rows = [r for r in summary["levels"] if r["dataset"] == dataset]
         keys = [k for k in rows[0] if k not in ("dataset", "level", "bpp_label", "images")]
         results = {"bpp": [r["actual_bpp"] for r in rows]} | {k: [r.get(k) for r in rows] for k in keys}
-        doc = {"name": "OSCAR (this codebase)", "description": f"{dataset}: real files, actual bpp", "results": results}
+        name = f"{summary.get('method', 'codec')} (this codebase)"
+        doc = {"name": name, "description": f"{dataset}: real files, actual bpp", "results": results}
         (out_dir / f"results_{dataset}.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
     if failures:
         (out_dir / "failures.txt").write_text("\n".join(failures) + "\n")
