@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from utils.cli.codec_args import add_model_arguments, codec_from_args
 from utils.errors import UserError, exit_on_user_error
-from utils.image_io import describe_file_error, list_images, load_image, output_paths, write_atomic
+from utils.image_io import check_output_dir, describe_file_error, list_images, load_image, output_paths, write_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--bpp {args.bpp}: expected a positive bit rate")
     if args.max_bytes is not None and args.max_bytes < 1:
         raise UserError(f"--max-bytes {args.max_bytes}: expected a positive number of bytes")
+    check_output_dir(args.out)
     inputs = list_images(args.inputs, recursive=args.recursive)
     model = codec_from_args(args)
     if args.level is not None and not 0 <= args.level < model.num_levels:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     level = model.levels_by_rate(height, width)[0]
                 data = model.compress(image, level)
-            write_atomic(target, data)
+            write_atomic(target, data, root=args.out)
         except (UserError, OSError) as err:  # OSError: the output cannot be written
             failures += 1
             tqdm.write(f"error: {describe_file_error(item.path, err)}", file=sys.stderr)

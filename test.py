@@ -21,15 +21,17 @@ from utils.errors import exit_on_user_error
 from utils.evaluation.evaluate import evaluate, format_table
 from utils.evaluation.metrics import METRICS, MetricSuite
 from utils.evaluation.options import EvalOptions
+from utils.image_io import check_output_dir
 from utils.options import add_option_arguments, options_from_args, save_options
 
 
 REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_OPT = "options/test.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_option_arguments(parser, default_opt="options/test.json")
+    add_option_arguments(parser, default_opt=DEFAULT_OPT, checkout=REPO_ROOT)
     return parser.parse_args(argv)
 
 
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     options = options_from_args(EvalOptions, args)
     device = resolve_device(options.runtime.device)
+    for folder in (Path(options.output_root), Path(options.output_root) / options.name):  # before any slow work
+        check_output_dir(folder, "output_root")
     # Metric weights are checked first: a missing file stops the run before the model is even loaded.
     suite = MetricSuite(options.metrics, device=device, skip_missing=options.skip_missing_metrics)
     from models.registry import load_codec  # after the metric check: loading a model takes seconds
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         options.model_dir, options.model_zoo, str(device), fast=options.fast_inference,
         precision=options.runtime.precision, overrides=options.model_overrides or None,
     )
+    model.set_decode_limit(options.max_decode_pixels, "--set max_decode_pixels=N")
     anchors = options.anchors
     if anchors and not Path(anchors).is_file() and (REPO_ROOT / anchors).is_file():
         anchors = str(REPO_ROOT / anchors)  # the shipped file, when run from another folder

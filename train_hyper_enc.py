@@ -60,7 +60,7 @@ METRICS_FILE = "metrics.jsonl"  # under logs/: every logged value, readable with
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_option_arguments(parser, default_opt="options/oscar/train_hyper_enc.json")
+    add_option_arguments(parser, default_opt="options/oscar/train_hyper_enc.json", checkout=Path(__file__).resolve().parent)
     add_training_arguments(parser)
     return parser.parse_args(argv)
 
@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> Path:
     # Everything a user can get wrong is checked here, before the run folder is touched.
     check_zoo(options.model_zoo.path)
     data = options.data
-    train_set = ImageFolderDataset(data.train_roots, data.patch_size, data.small_images, augment=True, seed=seed)
+    train_set = ImageFolderDataset(
+        data.train_roots, data.patch_size, data.small_images, augment=True, seed=seed, crop_fallback=data.crop_fallback
+    )
     val_set = ValidationImages(data.val_root, data.max_val_images) if data.val_root else None
     raw_loader = make_dataloader(train_set, data.batch_size, data.num_workers, seed)
 

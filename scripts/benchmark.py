@@ -437,6 +437,7 @@ def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_model(method: str, preset: str, seed: int) -> CodecMethod:
     """The method's own random-weight preset (fp32 on the CPU, gradients off)."""
     model = method_class(method).random_preset(preset, seed=seed)
+    model.set_decode_limit(None)  # it decodes only the files it has just written, at the sizes asked for
     return model.eval().requires_grad_(False)
 
 

@@ -11,21 +11,16 @@ export is rewritten with its new fingerprint (in place unless ``--out``).
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from models.blocks.codec_method import read_export_config
 from models.blocks.index_coder import bits_per_index
-from models.oscar.export import LEGACY_CONFIGS
 from models.oscar.model import OSCARModel
 from models.oscar.priors import measure_index_counts, prior_bits_per_token
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.image_io import InputFile, describe_file_error, list_images, load_image
+from utils.image_io import list_images, readable_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,16 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--zoo", metavar="PATH", help="SD model zoo folder (default: the one the export names)")
     return parser.parse_args(argv)
-
-
-def readable_images(files: list[InputFile], skipped: list[str]) -> Iterator[torch.Tensor]:
-    """Decoded images; unreadable files are reported, counted in ``skipped`` and left out."""
-    for item in files:
-        try:
-            yield load_image(item.path)[0]
-        except UserError as err:
-            skipped.append(str(item.path))
-            tqdm.write(f"warning: skipped {describe_file_error(item.path, err)}", file=sys.stderr)
 
 
 def report(counts: list[torch.Tensor], levels: list[int]) -> str:
@@ -75,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--max-images {args.max_images}: expected at least 1")
     files = list_images(args.images, recursive=args.recursive)[: args.max_images]
     model_dir = Path(args.model)
-    config = read_export_config(model_dir, LEGACY_CONFIGS)
     model = OSCARModel.from_pretrained(model_dir, zoo_path=args.zoo, device=resolve_device(args.device))
     model.check_file_mode()
     levels = sorted(set(args.levels)) if args.levels else list(range(model.num_levels))
@@ -90,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     # Assigning the priors resets the fingerprint: files written with the old priors are refused afterwards.
     model.index_counts = [counts[i] if i in levels else model.index_counts[i] for i in range(model.num_levels)]
     out = Path(args.out) if args.out else model_dir
-    same_place = out.resolve() == model_dir.resolve()
-    zoo = config["model_zoo"] if same_place and args.zoo is None else str(model.zoo_path.resolve())
-    model.save_pretrained(out, zoo_path=zoo)
+    model.save_pretrained(out)  # the zoo it was loaded from, stored absolute and relative to the new export
     print(
         f"wrote the export with measured priors to {out} (fingerprint {old:016x} -> {model.fingerprint():016x}; "
         "files written with the old priors need the old export)"

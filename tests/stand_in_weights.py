@@ -8,8 +8,11 @@ The big networks of MUSIQ, CLIP RN50 and the FID Inception (27M, 102M and 24M pa
 "Hankel" views (see :func:`_hankel`): every tensor is full-size and random-looking once loaded, but torch.save keeps
 only one short random vector per tensor, so all three files together take well under 1 MB.
 
-CLIP's ``RN50.pt`` is checked against its SHA-256 by both pyiqa and :func:`utils.weights.check_weights`; a stand-in
-cannot pass that, so tests load it inside :func:`accept_stand_in_clip`, which bypasses only those two hash checks.
+Every file of :mod:`utils.weights` is verified by its SHA-256 before a library may load it, and stand-ins cannot
+have the published hashes: each stand-in written here is registered with :func:`utils.weights.register_stand_in`,
+which accepts exactly those bytes under that name for this test process (and they are still loaded with
+``weights_only=True``). Any other file under the name is refused, which :mod:`tests.test_weight_safety` checks by
+planting malicious pickles (:func:`write_malicious_pickle`).
 
 To cover another metric, add a writer for each of its files to ``WRITERS`` (keyed by the file name).
 """
@@ -215,10 +218,14 @@ def _entries(names: list[str]) -> list[WeightFile]:
     return list(entries.values())
 
 
+_REGISTERED: dict[Path, tuple[int, int]] = {}  # stand-ins written (and registered) by this process: (size, mtime)
+
+
 def write_stand_in_weights(torch_home: Path, names: list[str]) -> list[Path]:
     """Write stand-ins for every file the metrics ``names`` need under ``torch_home/hub``; return their paths.
 
-    Files already present are kept (so a session-wide folder is written once).
+    Each is registered with :func:`utils.weights.register_stand_in`. Stand-ins this process already wrote are kept
+    (so a session-wide folder is written once); any other file in their place is overwritten.
     """
     written = []
     for entry in _entries(names):
@@ -226,13 +233,54 @@ def write_stand_in_weights(torch_home: Path, names: list[str]) -> list[Path]:
         if writer is None:
             raise NotImplementedError(f"no stand-in writer for {entry.name}: add one to tests/stand_in_weights.py")
         path = Path(torch_home) / "hub" / entry.folder / entry.name
-        if not path.is_file():
+        if not path.is_file() or _REGISTERED.get(path) != _stamp(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".partial")
             writer(tmp)
             os.replace(tmp, path)
+            weights.register_stand_in(path)
+            _REGISTERED[path] = _stamp(path)
         written.append(path)
     return written
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+class _Payload:
+    """Pickles to a call of ``exec(code)``: what a planted malicious weight file does when unpickled."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import builtins
+
+        return builtins.exec, (self.code,)
+
+
+def write_malicious_pickle(path: Path, marker: Path, legacy: bool = False) -> None:
+    """A torch.save file at ``path`` whose unpickling writes ``marker`` (a real payload, not a simulation).
+
+    It looks like a state dict (``{"weight": tensor, "bias": <payload>}``), in torch's zip format or, with
+    ``legacy``, the pre-1.6 format that torchvision's own files use.
+    """
+    code = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('payload ran')"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"weight": torch.zeros(2), "bias": _Payload(code)}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+
+
+@contextlib.contextmanager
+def registered_stand_in(path: Path) -> Iterator[str]:
+    """Accept ``path``'s current bytes as its registry file inside the block (as if it passed the hash check)."""
+    digest = weights.register_stand_in(path)
+    try:
+        yield digest
+    finally:
+        weights.forget_stand_in(path.name, digest)
 
 
 @contextlib.contextmanager
@@ -249,32 +297,3 @@ def torch_home(path: Path) -> Iterator[Path]:
     finally:
         if "pyiqa.utils.download_util" in sys.modules:
             sync_pyiqa_cache_dir()
-
-
-@contextlib.contextmanager
-def accept_stand_in_clip() -> Iterator[None]:
-    """Let a stand-in ``RN50.pt`` through the two SHA-256 checks that guard the real one, inside the block only.
-
-    :func:`utils.weights.check_weights` compares the file's hash with the one in the OpenAI URL, and pyiqa's
-    ``clip_model._download`` does the same and re-downloads on a mismatch. Here the first reports the expected hash for
-    any file named ``RN50.pt`` and the second returns the local file as it is; every other code path is unchanged.
-    """
-    from pyiqa.archs import clip_model
-
-    real_sha256 = weights._sha256
-
-    def sha256(path: str, size: int, mtime_ns: int) -> str:
-        if Path(path).name == weights.CLIP_RN50.name:
-            return weights.CLIP_RN50.sha256 or ""
-        return real_sha256(path, size, mtime_ns)
-
-    def local_file(url: str, root: str) -> str:
-        target = os.path.join(root, os.path.basename(url))
-        if not os.path.isfile(target):
-            raise FileNotFoundError(f"stand-in {target} was not written")
-        return target
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(weights, "_sha256", sha256)
-        patch.setattr(clip_model, "_download", local_file)
-        yield

@@ -128,6 +128,10 @@ class ToyCodec(nn.Module, CodecMethod):
         return [Stage("unpack_bytes", "unpack", "decode", unpack, entropy=True),
                 Stage("upsample", "upsample", "decode", lambda y: self.synthesis(y).clamp(-1, 1))]  # fmt: skip
 
+    def level_header(self, data: bytes) -> tuple[int, int, int]:
+        level, h, w = struct.unpack(">BHH", data[:5])
+        return level, 4 * w, 4 * h  # the stored grid is the block-mean grid
+
     def fingerprint(self) -> int:
         return 0
 

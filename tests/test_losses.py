@@ -136,7 +136,7 @@ def test_zero_weights_skip_terms(dists: DistsLoss) -> None:
     terms = l1_only(x_hat, x)
     assert set(terms) == {"l1", "total"} and torch.equal(terms["total"], terms["l1"])
 
-    edge_gray = ReconstructionLoss(l1_weight=0.0, dists_weight=0.0, latent_weight=0.0, edge_grayscale=True, dists=dists)
+    edge_gray = ReconstructionLoss(l1_weight=0.0, dists_weight=0.0, latent_weight=0.0, edge_form="gray", dists=dists)
     terms = edge_gray(x_hat, x)
     assert set(terms) == {"edge", "total"} and terms["edge"].item() > 0
     with pytest.raises(ValueError, match=">= 0"):

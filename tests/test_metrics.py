@@ -17,7 +17,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.signal import convolve2d
 
-from tests.stand_in_weights import accept_stand_in_clip, torch_home, write_stand_in_weights
+from tests.stand_in_weights import torch_home, write_stand_in_weights
 from utils.evaluation import metrics
 from utils.errors import UserError
 from utils.evaluation.metrics import (
@@ -48,9 +48,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def stand_in_home(tmp_path_factory: pytest.TempPathFactory):
-    """A TORCH_HOME with stand-ins for every metric, active (with the CLIP hash bypass) for the whole module."""
+    """A TORCH_HOME with (registered) stand-ins for every metric, active for the whole module."""
     home = tmp_path_factory.mktemp("torch_home")
-    with torch_home(home), accept_stand_in_clip():
+    with torch_home(home):
         write_stand_in_weights(home, ALL_WEIGHTS)
         yield home
 

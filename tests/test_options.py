@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [
     ("options/oscar/train_hyper_enc.json", Stage1Options),
     ("options/oscar/train_diff.json", Stage2Options),
+    ("options/oscar/train_hyper_enc_reference.json", Stage1Options),
+    ("options/oscar/train_diff_reference.json", Stage2Options),
     ("options/test.json", EvalOptions),
 ]
 

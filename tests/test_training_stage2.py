@@ -142,3 +142,53 @@ def test_mismatched_stage1_checkpoint(setup, stand_in_home, capsys):
     with pytest.raises(SystemExit):
         train_diff.main(args(setup, "swapped", "--set", f"hyper_encoder_checkpoints={json.dumps(swapped)}"))
     assert "does not fit level 0" in capsys.readouterr().err
+
+
+REFERENCE_OPT = Path(__file__).resolve().parents[1] / "options" / "oscar" / "train_diff_reference.json"
+
+
+def reference_args(setup: dict, name: str, *extra: str) -> list[str]:
+    """The reference recipe (oracle norms, posterior samples, inert GAN, ...) at test size; 192-pixel crops give
+    the reference discriminator head the 3x3 mid-block grid it needs on the tiny UNet."""
+    return args(setup, name, "--opt", str(REFERENCE_OPT), "--set", "data.patch_size=192", *extra)
+
+
+def test_reference_recipe_with_oracle_norms_validates_and_resumes(setup, stand_in_home):
+    straight = train_diff.main(reference_args(setup, "ref_straight"))
+    saved = json.loads((straight / "options.json").read_text())
+    assert saved["model"]["latent_norms"] == "oracle" and saved["gan"]["mode"] == "reference"
+    scores = json.loads((straight / "validation" / "step-4" / "scores.json").read_text())
+    assert {"val/psnr_level0", "val/psnr_level1", "val/bpp_level0", "val/bpp_level1"} <= set(scores)
+    metrics = [json.loads(line) for line in (straight / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/gan_generator" in m for m in metrics) and any("loss/discriminator" in m for m in metrics)
+
+    first = train_diff.main(reference_args(setup, "ref_resumed", "--stop-at", "2"))
+    assert not (first / "final").exists()
+    resumed = train_diff.main(reference_args(setup, "ref_resumed", "--resume", "latest"))
+    for name in ("unet_lora.safetensors", "prompt_embedding.safetensors"):
+        a, b = load_file(straight / "final" / name), load_file(resumed / "final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # The reference's conv_in base weights never change, and its discriminator trains its head only.
+    from models.blocks.model_zoo import load_sd_components
+
+    model = OSCARModel.from_pretrained(straight / "final")
+    assert torch.equal(model.unet.conv_in.base_layer.weight, load_sd_components(setup["zoo"]).unet.conv_in.weight)
+    disc_state = load_file(straight / "checkpoints" / "checkpoint-4" / "discriminator" / "trainable.safetensors")
+    assert any(k.startswith("head.") for k in disc_state)
+    assert all(torch.count_nonzero(v) == 0 for k, v in disc_state.items() if "lora_B" in k)
+
+
+def test_validation_psnr_is_the_8bit_psnr_of_the_saved_png(setup, stand_in_home):
+    """Training validation reports the evaluation's PSNR (8-bit RGB) of exactly the PNG it writes."""
+    from utils.data import ValidationImages
+    from utils.evaluation.metrics import psnr_uint8, quantize
+    from utils.image_io import load_image
+
+    run = train_diff.main(args(setup, "psnr", "--set", "loss.dists=0", "--set", "loss.edge=0", "--set", "loss.gan=0",
+                               "--set", "train.max_steps=1", "--set", "train.validate_every=1"))  # fmt: skip
+    scores = json.loads((run / "validation" / "step-1" / "scores.json").read_text())
+    (item,) = list(ValidationImages(setup["root"] / "val"))
+    for level in (0, 1):
+        png = load_image(run / "validation" / "step-1" / f"{item.name}_level{level}.png")[0]
+        expected = psnr_uint8(quantize(png), quantize(item.image))
+        assert scores[f"val/psnr_level{level}"] == pytest.approx(expected, abs=1e-9)

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from tests.stand_in_weights import torch_home, write_stand_in_weights
+from tests.stand_in_weights import WRITERS, registered_stand_in, torch_home, write_stand_in_weights
 from utils import weights
 from utils.errors import UserError
 from utils.weights import (
@@ -63,10 +63,12 @@ def test_missing_files_are_named_with_folder_and_source(empty_home: Path) -> Non
 
 def test_only_the_missing_file_is_named(empty_home: Path) -> None:
     write_stand_in_weights(empty_home, ["lpips"])
-    required_weight_files("dists")[1].parent.mkdir(parents=True, exist_ok=True)
-    required_weight_files("dists")[1].write_bytes(b"head")  # DISTS head present, vgg16 absent
-    with pytest.raises(MissingWeightsError) as err:
+    head = required_weight_files("dists")[1]
+    head.parent.mkdir(parents=True, exist_ok=True)
+    WRITERS[head.name](head)  # DISTS head present (a registered stand-in), vgg16 absent
+    with registered_stand_in(head), pytest.raises(MissingWeightsError) as err:
         check_weights("dists")
+    assert type(err.value) is MissingWeightsError
     assert "vgg16-397923af.pth" in str(err.value) and "DISTS_weights" not in str(err.value)
     assert available("lpips")
 
@@ -139,3 +141,35 @@ def test_pyiqa_metric_is_created_offline_after_torch_home_changes(empty_home: Pa
     x = torch.rand(1, 3, 32, 32)
     assert metric(x, x).abs().max() < 1e-6
     assert pyiqa_download.DEFAULT_CACHE_DIR == str(empty_home / "hub" / "pyiqa")
+
+
+def test_every_file_has_a_hash_to_check() -> None:
+    """Full published SHA-256 where known (consistent with the name's torch.hub prefix), else the prefix alone."""
+    prefix_only = set()
+    for entry in weights.all_weight_files():
+        if entry.sha256 is None:
+            prefix_only.add(entry)
+            assert len(entry.expected_sha256) == 8 and entry.expected_sha256 in entry.name
+            assert "prefix in its name" in entry.describe_hash()
+        else:
+            assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
+            assert entry.name_hash_prefix is None or entry.sha256.startswith(entry.name_hash_prefix)
+    assert prefix_only == {weights.MUSIQ_KONIQ, weights.CLIPIQA_PLUS}
+    assert weights.CLIP_RN50.torchscript and weights.CLIP_RN50.sha256 in weights.CLIP_RN50.url
+    with pytest.raises(ValueError, match="needs a full SHA-256 or a hash prefix"):
+        weights.WeightFile("pyiqa", "no_hash.pth", "https://example.invalid/no_hash.pth")
+    with pytest.raises(ValueError, match="starting with the name's prefix"):
+        weights.WeightFile("pyiqa", "x-0123abcd.pth", "https://example.invalid/x-0123abcd.pth", "f" * 64)
+
+
+def test_wrong_file_message_names_file_expected_hash_and_source(empty_home: Path) -> None:
+    for metric, entry in (("fid", weights.PYIQA_INCEPTION), ("musiq", weights.MUSIQ_KONIQ)):
+        path = entry.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"some other file")
+        with pytest.raises(weights.UnverifiedWeightsError) as err:
+            check_weights(metric)
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and entry.url in message and "delete it" in message
+        assert entry.expected_sha256 in message
+        assert ("starting with e95806b9" in message) == (entry is weights.MUSIQ_KONIQ)

@@ -1,7 +1,9 @@
 """Training and validation image datasets, their data loader, and synthetic images for tests and the demo.
 
-Training crops follow OSCAR's reference: a random (patch+8) crop, one of the 8 flips/rotations, then a
-patch-size crop at a random offset half of the time and at the centre otherwise. Every random draw comes from
+Training crops follow OSCAR's reference recipe: a random (patch+8) crop, one of the 8 flips/rotations, then a
+patch-size crop at a random offset half of the time. Otherwise the inner crop is taken at the centre
+(``crop_fallback="centre"``, the default) or, as the reference code does, at the corner (0, 0)
+(``crop_fallback="reference"``). Every random draw comes from
 a generator seeded by (seed, epoch, index), so a sample is the same whatever the worker count and whether or
 not training was resumed; the shuffle order is seeded by (seed, epoch) the same way.
 """
@@ -27,6 +29,7 @@ from utils.errors import UserError
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 CROP_MARGIN = 8  # the first crop is patch + 8 pixels, leaving room for the second crop's offset
+CROP_FALLBACKS = ("centre", "reference")  # inner-crop offset when not random: centre, or (0, 0) as the reference
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +175,8 @@ class ImageFolderDataset(Dataset):
 
     ``small_images``: images smaller than P+8 on a side are padded ("pad") or dropped when listing ("skip",
     read from the file header and reported once with a count). ``augment=False`` keeps the random crops but
-    not the flips/rotations. Files whose header cannot be read are dropped when listing (reported by name);
+    not the flips/rotations. ``crop_fallback``: where the inner crop sits when it is not random (module docstring).
+    Files whose header cannot be read are dropped when listing (reported by name);
     files that fail later, while decoding, are reported once per process and replaced by the next loadable
     index, so batches keep their size and the data order stays reproducible.
     """
@@ -185,7 +189,11 @@ class ImageFolderDataset(Dataset):
         augment: bool = True,
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         seed: int = 0,
+        crop_fallback: str = "centre",
     ) -> None:
+        if crop_fallback not in CROP_FALLBACKS:
+            raise DatasetError(f"crop_fallback={crop_fallback!r}: expected one of {', '.join(CROP_FALLBACKS)}")
+        self.crop_fallback = crop_fallback
         if patch_size < 1:
             raise DatasetError(f"patch size must be positive, got {patch_size}")
         if small_images not in ("pad", "skip"):
@@ -237,7 +245,7 @@ class ImageFolderDataset(Dataset):
         random_inner = bool(torch.rand((), generator=gen) < 0.5)
         inner_top, inner_left = _randint(CROP_MARGIN, gen), _randint(CROP_MARGIN, gen)
         if not random_inner:
-            inner_top = inner_left = CROP_MARGIN // 2
+            inner_top = inner_left = CROP_MARGIN // 2 if self.crop_fallback == "centre" else 0
         return CropParams(top, left, mode if self.augment else 0, inner_top, inner_left)
 
     def patch(self, image: torch.Tensor, params: CropParams) -> torch.Tensor:

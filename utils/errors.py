@@ -25,14 +25,15 @@ class ModelZooError(UserError, FileNotFoundError):
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Make ``main`` print a :class:`UserError` as ``error: ...`` and exit with status 2."""
+    """Make ``main`` print a :class:`UserError` as ``error: ...`` (a line each for several) and exit with status 2."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            for line in str(err).splitlines() or [""]:  # several problems: one error line each
+                print(f"error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import NamedTuple
@@ -19,10 +20,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from utils.data import DEFAULT_EXTENSIONS
 from utils.data import load_image as _load_unit_image
-from utils.atomic import write_atomic
+from utils.atomic import OutputPathError, write_atomic
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -104,11 +106,25 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return pixels.permute(1, 2, 0).contiguous().numpy()
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
-    """Write an image in [-1, 1] as an 8-bit RGB PNG, atomically (the file is complete or absent)."""
+def save_png(image: torch.Tensor, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """Write an image in [-1, 1] as an 8-bit RGB PNG, atomically (the file is complete or absent).
+
+    With ``root``, the file must stay inside that folder (see :func:`utils.atomic.make_parents_inside`).
+    """
     buffer = io.BytesIO()
     Image.fromarray(to_uint8(image), "RGB").save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
+    return write_atomic(path, buffer.getvalue(), root=root)
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str = "-o") -> Path:
+    """An output folder given by the user: refused at once when it exists and is not a folder.
+
+    Call it before any slow work (loading a model), so that the mistake is one line, not one per input.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path}: exists and is not a folder; give a folder for the outputs")
+    return path
 
 
 def list_files(
@@ -159,7 +175,11 @@ def list_images(paths: Sequence[str | os.PathLike[str]], recursive: bool = False
 
 
 def output_paths(inputs: Sequence[InputFile], out_dir: str | os.PathLike[str], suffix: str) -> list[Path]:
-    """``out_dir / relative-with-suffix`` for each input; two inputs mapping to one output is an error."""
+    """``out_dir / relative-with-suffix`` for each input; two inputs mapping to one output is an error.
+
+    These are names only: write them with ``write_atomic(target, data, root=out_dir)`` (or ``save_png(...,
+    root=out_dir)``), which refuses, per file, a target reached through a symlinked folder or a ``..`` name.
+    """
     out = Path(out_dir)
     targets: dict[Path, Path] = {}
     result = []
@@ -173,6 +193,16 @@ def output_paths(inputs: Sequence[InputFile], out_dir: str | os.PathLike[str], s
         targets[target] = item.path
         result.append(target)
     return result
+
+
+def readable_images(files: Sequence[InputFile], skipped: list[str]) -> Iterator[torch.Tensor]:
+    """Decoded images of ``files``; an unreadable one is named on stderr, appended to ``skipped`` and left out."""
+    for item in files:
+        try:
+            yield load_image(item.path)[0]
+        except UserError as err:
+            skipped.append(str(item.path))
+            tqdm.write(f"warning: skipped {describe_file_error(item.path, err)}", file=sys.stderr)  # under a bar
 
 
 def describe_file_error(path: str | os.PathLike[str], err: BaseException) -> str:

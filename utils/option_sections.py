@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from utils.options import option, required
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+SEED_MAX = 2**32 - 1  # numpy.random.seed (which accelerate's set_seed calls) takes no larger seed
 
 
 @dataclass(kw_only=True)
 class RuntimeOptions:
     device: str = option("auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     precision: str = option("fp32", choices=PRECISION_CHOICES, help="weights and activations of frozen parts")
-    seed: int = option(0, min=0, help="seed of every random number generator")
+    seed: int = option(0, min=0, max=SEED_MAX, help="seed of every random number generator (0..2^32-1, numpy's range)")
 
 
 @dataclass(kw_only=True)
@@ -29,6 +30,11 @@ class DataOptions:
     batch_size: int = option(64, min=1, help="images per step and process")
     num_workers: int = option(4, min=0, help="data-loading worker processes")
     small_images: str = option("pad", choices=("pad", "skip"), help="images smaller than patch_size + 8")
+    crop_fallback: str = option(
+        "centre",
+        choices=("centre", "reference"),
+        help="offset of the inner crop when it is not random (half the time): the centre, or reference: (0, 0)",
+    )
 
     def check(self) -> tuple[str, str] | None:
         if not self.train_roots:

@@ -35,12 +35,20 @@ import torch
 
 from models.blocks.container import size_limits_problem
 from utils.errors import UserError
+from utils.options import parse_json
 
 CONFIG_FILE = "codec_config.json"
+# Largest image (width x height) a file may declare before decoding refuses it; the format itself allows 2^28. A
+# file of a few hundred bytes can declare any size, and decoding costs time and memory in proportion to it.
+DEFAULT_MAX_DECODE_PIXELS = 100_000_000
 
 
 class CodecError(UserError, ValueError):
     """The request cannot be served: an image outside the format's limits, an unknown level, an unreachable rate."""
+
+
+class DecodeLimitError(CodecError):
+    """A file declares more pixels than the decoder is allowed to produce (:attr:`CodecMethod.max_decode_pixels`)."""
 
 
 class ModelLoadError(UserError):
@@ -82,6 +90,12 @@ class CodecMethod(ABC):
     method_id: ClassVar[int]
     export_version: ClassVar[int]
     file_suffix: ClassVar[str]
+
+    # Decoding refuses files that declare more pixels than this (None: only the format's own limit). Callers that
+    # decode untrusted files keep the default or set it with :meth:`set_decode_limit`, which also names the
+    # setting to quote in the error (a command-line flag, an option key).
+    max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS
+    decode_limit_setting: str = "max_decode_pixels"
 
     # ----------------------------------------------------------------------------------------- levels
 
@@ -126,10 +140,40 @@ class CodecMethod(ABC):
             return run_stages(self.encode_stages(level), image)
 
     def decompress(self, data: bytes) -> torch.Tensor:
-        """A file's bytes to the image; a file not valid for this model raises a ``BitstreamError`` subclass."""
+        """A file's bytes to the image; a file not valid for this model raises a ``BitstreamError`` subclass.
+
+        The size the header declares is checked against :attr:`max_decode_pixels` before any decode stage runs
+        (:class:`DecodeLimitError`).
+        """
         self.check_file_mode()
+        data = bytes(data)
+        self.check_decode_size(data)
         with torch.no_grad():
-            return run_stages(self.decode_stages(), bytes(data))
+            return run_stages(self.decode_stages(), data)
+
+    def set_decode_limit(self, max_pixels: int | None, setting: str | None = None) -> None:
+        """Allow files of up to ``max_pixels`` pixels (None: any size the format allows); errors name ``setting``."""
+        if max_pixels is not None and max_pixels < 1:
+            raise CodecError(f"decode limit {max_pixels} pixels: expected a positive number of pixels")
+        self.max_decode_pixels = max_pixels
+        if setting is not None:
+            self.decode_limit_setting = setting
+
+    def check_decode_size(self, data: bytes) -> None:
+        """Raise :class:`DecodeLimitError` when the file's header declares more than :attr:`max_decode_pixels` pixels.
+
+        Only the header is read (:meth:`level_header`), so a file that is not valid for this method raises its
+        ``BitstreamError`` here, and nothing is allocated or computed for the declared size.
+        """
+        limit = self.max_decode_pixels
+        if limit is None:
+            return
+        _, width, height = self.level_header(data)
+        if width * height > limit:
+            raise DecodeLimitError(
+                f"the file declares a {width}x{height} image ({width * height:,} pixels), above the decode limit of "
+                f"{limit:,} pixels; if you trust the file, raise the limit with {self.decode_limit_setting}"
+            )
 
     def roundtrip(self, image: torch.Tensor, level: int, write: Callable[[bytes], bytes]) -> torch.Tensor:
         """Compress, hand the bytes to ``write`` (which stores them and returns what was read back), decompress.
@@ -285,9 +329,11 @@ def read_export_config(model_dir: str | os.PathLike[str], legacy: dict[str, tupl
                 f"or `python scripts/make_model_zoo.py --preset tiny --out ZOO --export-model DIR`"
             )
     try:
-        config = json.loads(path.read_text())
+        config = parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{path}: invalid JSON ({err})") from None
+    except ValueError as err:  # nested too deeply, or an integer too long to read
+        raise ModelLoadError(f"{path}: {err}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
     if legacy_entry is not None:

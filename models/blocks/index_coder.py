@@ -13,9 +13,14 @@ Safety of compressai's rANS (``compressai.ans``, 64-bit state, 16-bit precision)
   process aborts) when a few symbols produce more words than that, the 8-byte flush included. Each symbol
   emits at most one word and on average at most 16 bits, so from ``RANS_MIN_SYMBOLS`` symbols on the buffer is
   large enough; shorter sequences always use fixed-length packing.
-* Corruption is detected without spending a byte: a valid payload is exactly what the encoder writes for
-  the symbols it decodes to, so decoding and re-encoding must reproduce it bit for bit. Truncation, trailing
-  bytes and almost every bit flip fail that test (the flushed final state alone carries ~31 redundant bits).
+* Corruption is detected without spending a byte, in part: a valid payload is exactly what the encoder writes
+  for the symbols it decodes to, so decoding and re-encoding must reproduce it bit for bit. Truncation and
+  trailing bytes always fail that test, and so does a bit flip whose change of the coder state lasts to the
+  flushed final state. A flip that only moves one symbol to another of the same quantized frequency at the same
+  offset leaves the state unchanged and passes: symbols of frequency 1 (codebook entries the prior hardly saw)
+  are stored as raw 16-bit slots, so such flips are common in files that use many of them. Measured rates and the
+  campaign that measures them: docs/bitstream.md ("Measured single-bit-flip detection"). The quantization cannot
+  change to avoid this without changing which bits every existing file holds (a new format version).
 """
 
 from __future__ import annotations

@@ -25,10 +25,25 @@ Design choices (the reference describes the pieces, not these details):
   GroupNorm uses 32 groups, or the largest divisor of 2C below that for tiny test models.
 * Each sample gets its own random timestep and noise, drawn from ``generator`` when one is given, so a seeded
   generator makes a forward pass reproducible.
+
+The reference code's discriminator differs in four ways, each selectable here so that its training can be
+reproduced (README, "Where this code differs from the reference"):
+
+* ``head="reference"``: both head convolutions use padding 1, so the logit map is 2 positions smaller than the
+  mid-block grid in each dimension (6x6 for a 256-pixel crop on SD-2.1); the mid-block grid must be at least 3x3.
+* ``lora_targets="reference"``: one adapter (peft's default initialisation) on the modules named
+  :data:`REFERENCE_LORA_TARGETS` (its list includes the resnets' ``time_emb_proj`` and leaves ``conv_in`` out).
+* ``own_prompt=True``: a learned 77-token prompt of its own (initialised N(0, 0.02)), instead of the
+  generator's detached one; it is one of the discriminator's trainable tensors.
+* ``detach_features=True``: the UNet features are computed without gradients, so only the head can learn and
+  no gradient flows back to the judged latent. The reference computes its features under ``no_grad`` (and
+  freezes the head for the generator term): its generator receives no adversarial gradient and its
+  discriminator LoRA never changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -42,6 +57,15 @@ from models.blocks.state_dicts import state_dict_mismatch
 
 DEFAULT_TIMESTEP_RANGE = (20, 980)
 MAX_NORM_GROUPS = 32
+PROMPT_TOKENS = 77
+HEAD_FORMS = ("same_grid", "reference")
+LORA_TARGET_FORMS = ("generator", "reference")
+# The reference discriminator's LoRA target list (peft matches a module whose name is, or ends with, an entry).
+REFERENCE_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)  # fmt: skip
+REFERENCE_ADAPTER = "default"
 # UNet features the down/mid-only forward does not reproduce; a UNet that uses any of them is refused.
 UNSUPPORTED_CONFIG = ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type")
 
@@ -83,60 +107,89 @@ def norm_groups(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
 
 
 class DiscriminatorHead(nn.Module):
-    """conv(C -> 2C, k4) - GroupNorm - SiLU - conv(2C -> 1, k4): one logit per mid-block position."""
+    """conv(C -> 2C, k4) - GroupNorm - SiLU - conv(2C -> 1, k4).
 
-    def __init__(self, channels: int) -> None:
+    ``form="same_grid"`` pads 2 then 1: one logit per mid-block position. ``form="reference"`` pads 1 then 1 (the
+    reference code's head): the map is 2 positions smaller in each dimension.
+    """
+
+    def __init__(self, channels: int, form: str = "same_grid") -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, 2 * channels, kernel_size=4, padding=2)
+        if form not in HEAD_FORMS:
+            raise ValueError(f"head form {form!r}: expected one of {', '.join(HEAD_FORMS)}")
+        self.form = form
+        self.conv1 = nn.Conv2d(channels, 2 * channels, kernel_size=4, padding=2 if form == "same_grid" else 1)
         self.norm = nn.GroupNorm(norm_groups(2 * channels), 2 * channels)
         self.act = nn.SiLU()
         self.conv2 = nn.Conv2d(2 * channels, 1, kernel_size=4, padding=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.form == "reference" and min(features.shape[-2:]) < 3:
+            raise ValueError(
+                f"the reference head (two k4 convolutions with padding 1) needs a mid-block grid of at least 3x3, got "
+                f"{tuple(features.shape[-2:])}: use larger crops (256 pixels on SD-2.1) or head='same_grid'"
+            )
         return self.conv2(self.act(self.norm(self.conv1(features))))
 
 
 class LatentDiscriminator(nn.Module):
-    """Logits ``(B, 1, ceil(h/8), ceil(w/8))`` for a latent ``(B, 4, h, w)``; see the module docstring."""
+    """Logits ``(B, 1, ceil(h/8), ceil(w/8))`` for a latent ``(B, 4, h, w)``; see the module docstring.
+
+    ``head``, ``lora_targets``, ``own_prompt`` and ``detach_features`` select the reference code's variants
+    (module docstring); the defaults are this project's discriminator.
+    """
 
     def __init__(self, unet: nn.Module, scheduler: Any, lora_rank: int, lora_alpha: float,
-                 timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE) -> None:  # fmt: skip
+                 timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE, *, head: str = "same_grid",
+                 lora_targets: str = "generator", own_prompt: bool = False,
+                 detach_features: bool = False) -> None:  # fmt: skip
         """Prefer :meth:`from_unet` / :meth:`from_zoo`; ``unet`` is taken over and modified in place."""
         super().__init__()
         check_unet(unet)
+        if lora_targets not in LORA_TARGET_FORMS:
+            raise ValueError(f"lora_targets={lora_targets!r}: expected one of {', '.join(LORA_TARGET_FORMS)}")
         low, high = (int(t) for t in timestep_range)
         num_steps = int(scheduler.config.num_train_timesteps)
         if not 0 <= low < high <= num_steps:
             raise ValueError(f"timestep_range {tuple(timestep_range)}: expected 0 <= low < high <= {num_steps}")
         self.timestep_range = (low, high)
         self.scheduler = scheduler
+        self.detach_features = bool(detach_features)
         drop_up_path(unet)
         unet.requires_grad_(False)
-        self.lora_groups = add_oscar_lora(unet, lora_rank, lora_alpha)
+        if lora_targets == "generator":
+            self.lora_groups = add_oscar_lora(unet, lora_rank, lora_alpha)
+        else:
+            self.lora_groups = {REFERENCE_ADAPTER: add_reference_lora(unet, lora_rank, lora_alpha)}
         self.unet = unet
         channels = int(unet.config.block_out_channels[-1])
-        self.head = DiscriminatorHead(channels).to(device=unet.device, dtype=unet.dtype)
+        self.head = DiscriminatorHead(channels, head).to(device=unet.device, dtype=unet.dtype)
+        self.prompt_embedding: nn.Parameter | None = None
+        if own_prompt:
+            width = int(unet.config.cross_attention_dim)
+            prompt = torch.randn(PROMPT_TOKENS, width) * 0.02
+            self.prompt_embedding = nn.Parameter(prompt.to(device=unet.device, dtype=unet.dtype))
 
     @classmethod
     def from_unet(
         cls, unet: nn.Module, scheduler: Any, lora_rank: int = 16, lora_alpha: float = 8,
-        timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE,
+        timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE, **variants: Any,
     ) -> LatentDiscriminator:  # fmt: skip
         """Build on ``unet``, a UNet of its own: it loses its up path and gains adapters, so never pass the
-        generator's (a UNet that already carries adapters is refused)."""
-        return cls(unet, scheduler, lora_rank, lora_alpha, timestep_range)
+        generator's (a UNet that already carries adapters is refused). ``variants``: see the class."""
+        return cls(unet, scheduler, lora_rank, lora_alpha, timestep_range, **variants)
 
     @classmethod
     def from_zoo(
         cls, path: str | os.PathLike[str], lora_rank: int = 16, lora_alpha: float = 8,
         timestep_range: tuple[int, int] = DEFAULT_TIMESTEP_RANGE,
-        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **variants: Any,
     ) -> LatentDiscriminator:  # fmt: skip
         """Load a fresh copy of the zoo's UNet (and scheduler) for the discriminator; the generator's is untouched."""
         from models.blocks.model_zoo import load_sd_components
 
         sd = load_sd_components(path, device=device, dtype=dtype)  # the VAE it also loads is dropped on return
-        return cls(sd.unet, sd.scheduler, lora_rank, lora_alpha, timestep_range)
+        return cls(sd.unet, sd.scheduler, lora_rank, lora_alpha, timestep_range, **variants)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -150,19 +203,29 @@ class LatentDiscriminator(nn.Module):
         return self.scheduler.add_noise(latent, eps, t), t
 
     def forward(
-        self, latent: torch.Tensor, encoder_hidden_states: torch.Tensor, generator: torch.Generator | None = None
+        self, latent: torch.Tensor, encoder_hidden_states: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Logits of "real" for ``latent`` ``(B, C, h, w)`` under a prompt ``(B, T, D)`` or ``(T, D)`` (detached)."""
+        """Logits of "real" for ``latent`` ``(B, C, h, w)`` under a prompt ``(B, T, D)`` or ``(T, D)`` (detached).
+
+        With a prompt of its own (``own_prompt``), pass ``None``: the discriminator uses (and trains) its own.
+        """
         expected_channels = int(self.unet.config.in_channels)
         if latent.dim() != 4 or latent.shape[1] != expected_channels:
             raise ValueError(f"latent of shape {tuple(latent.shape)}: expected (B, {expected_channels}, h, w)")
         context = self._context(encoder_hidden_states, latent.shape[0])
         x_t, t = self.noise(latent.to(self.unet.dtype), generator)
-        features = unet_down_mid_features(self.unet, x_t, t, context)
+        with torch.no_grad() if self.detach_features else contextlib.nullcontext():
+            features = unet_down_mid_features(self.unet, x_t, t, context)
         return self.head(features)
 
-    def _context(self, encoder_hidden_states: torch.Tensor, batch: int) -> torch.Tensor:
+    def _context(self, encoder_hidden_states: torch.Tensor | None, batch: int) -> torch.Tensor:
         width = int(self.unet.config.cross_attention_dim)
+        if self.prompt_embedding is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError("this discriminator has a prompt of its own: pass encoder_hidden_states=None")
+            return self.prompt_embedding.to(self.unet.dtype)[None].expand(batch, -1, -1)
+        if encoder_hidden_states is None:
+            raise ValueError("this discriminator uses the generator's prompt: pass it as encoder_hidden_states")
         ehs = encoder_hidden_states.detach().to(self.unet.dtype)
         if ehs.dim() == 2:
             ehs = ehs[None]
@@ -176,9 +239,10 @@ class LatentDiscriminator(nn.Module):
     # -------------------------------------------------------------------------------- trainable weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The LoRA tensors of the UNet copy and the head: everything the discriminator's optimizer updates."""
+        """The LoRA tensors of the UNet copy, the head (and its own prompt): what its optimizer updates."""
         lora = [p for name, p in self.unet.named_parameters() if "lora_" in name]
-        return lora + list(self.head.parameters())
+        prompt = [self.prompt_embedding] if self.prompt_embedding is not None else []
+        return lora + list(self.head.parameters()) + prompt
 
     def set_trainable(self, enabled: bool) -> None:
         """Switch gradients of the trainable tensors, e.g. off during the generator step so that backward
@@ -190,6 +254,8 @@ class LatentDiscriminator(nn.Module):
         """Detached tensors ``unet.<lora key>`` and ``head.<key>``: safetensors-ready, no pickled objects."""
         state = {f"unet.{k}": v.detach() for k, v in self.unet.state_dict().items() if "lora_" in k}
         state.update({f"head.{k}": v.detach() for k, v in self.head.state_dict().items()})
+        if self.prompt_embedding is not None:
+            state["prompt_embedding"] = self.prompt_embedding.detach()
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -222,6 +288,20 @@ def check_unet(unet: nn.Module) -> None:
     used = [key for key in UNSUPPORTED_CONFIG if config.get(key) is not None]
     if used or config.get("center_input_sample"):
         raise ValueError(f"UNet config uses {used or ['center_input_sample']}: the discriminator supports SD-style UNets only")
+
+
+def add_reference_lora(unet: nn.Module, rank: int, alpha: float) -> list[str]:
+    """The reference discriminator's adapter: one peft LoRA (default init: B = 0) on :data:`REFERENCE_LORA_TARGETS`.
+
+    Returns the adapted module names in registration order.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(REFERENCE_LORA_TARGETS))
+    unet.add_adapter(config, adapter_name=REFERENCE_ADAPTER)
+    unet.set_adapters([REFERENCE_ADAPTER])
+    suffix = f".lora_A.{REFERENCE_ADAPTER}.weight"
+    return [name.removesuffix(suffix) for name, _ in unet.named_parameters() if name.endswith(suffix)]
 
 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:

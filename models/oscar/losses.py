@@ -4,6 +4,11 @@ Images come in [-1, 1] (the VAE's range). As in the reference, L1 and both DISTS
 mapped to [0, 1] (pyiqa's DISTS expects that range, and it halves L1 relative to [-1, 1]), and the edge term
 feeds Sobel magnitudes of the [0, 1] images to DISTS directly (they exceed 1; the loss does not range-check).
 Weights come only from local files (:mod:`utils.weights`); a zero weight disables a term and builds nothing.
+
+Two terms have a form of ours and the reference code's form (README, "Where this code differs from the
+reference"): the latent cosine (``latent_over``: per position over channels, or per channel over space as the
+reference) and the edge map (``edge_form``: per RGB channel with replicated borders, or the reference's
+grayscale Sobel with zero padding and no offset).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from torch import nn
 
 from utils.weights import create_pyiqa_metric
 
+EDGE_FORMS = ("rgb", "gray", "reference")
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma (torchvision rounds R to 0.2989; see sobel_magnitude_reference)
 
 
 def latent_cosine_loss(
@@ -26,14 +32,15 @@ def latent_cosine_loss(
     """Negative mean cosine similarity between latents [N, C, H, W]; -1 when ``z_hat`` is a positive multiple of ``z``.
 
     ``over="channels"``: one cosine per spatial position, between its C-vectors (OSCAR's description).
-    ``over="space"``: one cosine per channel, between its flattened H*W maps (what the reference code computes).
+    ``over="space"``: one cosine per channel, between its flattened H*W maps, each map L2-normalised (norm
+    clamped at 1e-12) before the dot product: what the reference code computes in stage 2.
     """
     if z.shape != z_hat.shape:
         raise ValueError(f"latent shapes differ: {tuple(z.shape)} vs {tuple(z_hat.shape)}")
     if over == "channels":
         cos = F.cosine_similarity(z, z_hat, dim=1, eps=1e-8)
     elif over == "space":
-        cos = F.cosine_similarity(z.flatten(2), z_hat.flatten(2), dim=2, eps=1e-8)
+        cos = (F.normalize(z.flatten(2), dim=-1) * F.normalize(z_hat.flatten(2), dim=-1)).sum(-1)
     else:
         raise ValueError(f"over={over!r}: expected 'channels' or 'space'")
     return -cos.mean()
@@ -44,7 +51,7 @@ def sobel_magnitude(x: torch.Tensor, eps: float = 1e-6, grayscale: bool = False)
 
     ``sqrt(gx^2 + gy^2 + eps) - sqrt(eps)``: the eps keeps the gradient finite where the image is flat (plain
     sqrt has an infinite slope at 0), and the shift makes flat regions exactly 0. ``grayscale=True`` first
-    reduces RGB to luma and returns one channel, as the reference's edge model does.
+    reduces RGB to luma and returns one channel (the reference's exact map is :func:`sobel_magnitude_reference`).
     """
     if x.dim() != 4:
         raise ValueError(f"expected [N, C, H, W] images, got shape {tuple(x.shape)}")
@@ -59,6 +66,35 @@ def sobel_magnitude(x: torch.Tensor, eps: float = 1e-6, grayscale: bool = False)
     grads = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=channels)
     gx, gy = grads[:, 0::2], grads[:, 1::2]
     return torch.sqrt(gx * gx + gy * gy + eps) - eps**0.5
+
+
+def sobel_magnitude_reference(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The reference code's edge map of RGB images [N, 3, H, W]: one channel ``(N, 1, H, W)``.
+
+    torchvision's grayscale (0.2989 R + 0.587 G + 0.114 B), Sobel with zero padding, ``sqrt(gx^2 + gy^2 + eps)``
+    without subtracting ``sqrt(eps)`` (flat regions give 1e-3, borders see a step to black).
+    """
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected RGB images [N, 3, H, W], got shape {tuple(x.shape)}")
+    from torchvision.transforms.functional import rgb_to_grayscale
+
+    gray = rgb_to_grayscale(x)
+    kx = _SOBEL_X.to(dtype=x.dtype, device=x.device)
+    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)  # [2, 1, 3, 3]: x and y
+    grads = F.conv2d(gray, kernels, padding=1)
+    gx, gy = grads[:, 0:1], grads[:, 1:2]
+    return torch.sqrt(gx**2 + gy**2 + eps)
+
+
+def edge_map(x: torch.Tensor, form: str = "rgb") -> torch.Tensor:
+    """The edge term's map of images in [0, 1]: ``rgb`` (per channel), ``gray`` (luma) or ``reference``."""
+    if form == "rgb":
+        return sobel_magnitude(x)
+    if form == "gray":
+        return sobel_magnitude(x, grayscale=True)
+    if form == "reference":
+        return sobel_magnitude_reference(x)
+    raise ValueError(f"edge form {form!r}: expected one of {', '.join(EDGE_FORMS)}")
 
 
 class DistsLoss(nn.Module):
@@ -90,7 +126,9 @@ class ReconstructionLoss(nn.Module):
     """Weighted sum of OSCAR's stage-2 terms; ``forward`` returns each enabled term and their weighted ``total``.
 
     Defaults follow the reference: l1 1, dists 1, edge 1, latent 2 (the GAN term lives with the discriminator).
-    ``dists`` may be given to share one :class:`DistsLoss` (and one VGG) with other code.
+    ``edge_form`` picks the edge map (:func:`edge_map`), ``latent_over`` the latent cosine's form
+    (:func:`latent_cosine_loss`). ``dists`` may be given to share one :class:`DistsLoss` (and one VGG) with
+    other code.
     """
 
     def __init__(
@@ -100,7 +138,7 @@ class ReconstructionLoss(nn.Module):
         edge_weight: float = 1.0,
         latent_weight: float = 2.0,
         device: torch.device | str | None = None,
-        edge_grayscale: bool = False,
+        edge_form: str = "rgb",
         latent_over: Literal["channels", "space"] = "channels",
         dists: DistsLoss | None = None,
     ) -> None:
@@ -109,7 +147,11 @@ class ReconstructionLoss(nn.Module):
         for name, weight in self.weights.items():
             if weight < 0:
                 raise ValueError(f"{name} loss weight must be >= 0, got {weight}")
-        self.edge_grayscale = edge_grayscale
+        if edge_form not in EDGE_FORMS:
+            raise ValueError(f"edge_form={edge_form!r}: expected one of {', '.join(EDGE_FORMS)}")
+        if latent_over not in ("channels", "space"):
+            raise ValueError(f"latent_over={latent_over!r}: expected 'channels' or 'space'")
+        self.edge_form = edge_form
         self.latent_over = latent_over
         needs_dists = dists_weight > 0 or edge_weight > 0
         self.dists = (dists or DistsLoss(device)) if needs_dists else None
@@ -134,10 +176,7 @@ class ReconstructionLoss(nn.Module):
         if self.weights["dists"] > 0:
             terms["dists"] = self.dists.forward_unit(x_hat01, x01)
         if self.weights["edge"] > 0:
-            gray = self.edge_grayscale
-            terms["edge"] = self.dists.forward_unit(
-                sobel_magnitude(x_hat01, grayscale=gray), sobel_magnitude(x01, grayscale=gray)
-            )
+            terms["edge"] = self.dists.forward_unit(edge_map(x_hat01, self.edge_form), edge_map(x01, self.edge_form))
         if self.weights["latent"] > 0:
             if z_hat is None or z is None:
                 raise ValueError("the latent term is enabled (latent_weight > 0): pass z_hat and z")

@@ -53,6 +53,7 @@ class OSCAROutput:
     x_hat: torch.Tensor  # reconstructed image in [-1, 1]
     latent: torch.Tensor  # z: VAE latent of the input (no gradient)
     latent_hat: torch.Tensor  # ẑ after rescaling: the UNet's input
+    latent_decoded: torch.Tensor  # ẑ as the hyper-decoder gives it, before rescaling (the reference's latent loss)
     x0_latent: torch.Tensor  # the UNet's one-step clean-latent estimate
     vq_loss: torch.Tensor
 
@@ -211,7 +212,9 @@ class OSCARModel(nn.Module, CodecMethod):
         z_hat = self._rescale(he_out.latent_hat, self._target_rms(z))
         x0 = self.denoise(z_hat, level)
         x_hat = self.latent_to_image(x0)
-        return OSCAROutput(x_hat=x_hat, latent=z, latent_hat=z_hat, x0_latent=x0, vq_loss=he_out.vq_loss)
+        return OSCAROutput(
+            x_hat=x_hat, latent=z, latent_hat=z_hat, latent_decoded=he_out.latent_hat, x0_latent=x0, vq_loss=he_out.vq_loss
+        )
 
     # -------------------------------------------------------------------------------- encoder / decoder
 
@@ -353,6 +356,7 @@ class OSCARModel(nn.Module, CodecMethod):
             return super().roundtrip(image, level, write)
         info = self.codec_info()
         data = write(write_bitstream(self.encode(image, level), info))
+        self.check_decode_size(data)
         return self.decode(read_bitstream(data, info), oracle_rms=self.latent_rms(image, level))
 
     @property

@@ -90,6 +90,45 @@ class LossOptions:
     latent_cosine: float = option(2.0, min=0.0)
     gan: float = option(5e-3, min=0.0, help="generator loss weight (0 disables the discriminator)")
     discriminator: float = option(1e-2, min=0.0, help="discriminator loss weight")
+    latent_form: str = option(
+        "per_position",
+        choices=("per_position", "reference"),
+        help="latent cosine: one per position over channels (the paper's description), or reference: one per "
+        "channel over space (the reference code)",
+    )
+    latent_input: str = option(
+        "rescaled",
+        choices=("rescaled", "reference"),
+        help="the latent compared with z: the UNet's input (after the norm rescaling), or reference: the "
+        "hyper-decoded latent before it",
+    )
+    edge_form: str = option(
+        "rgb",
+        choices=("rgb", "gray", "reference"),
+        help="edge map: Sobel per RGB channel, replicated borders (rgb), of luma (gray), or reference: torchvision "
+        "grayscale, zero padding, sqrt(g^2 + 1e-6)",
+    )
+
+
+@dataclass(kw_only=True)
+class GanOptions:
+    """The latent discriminator; each "reference" value reproduces the reference code (see discriminator.py)."""
+
+    mode: str = option(
+        "live",
+        choices=("live", "reference"),
+        help="live: the generator term reaches the generator and the discriminator's LoRA trains; reference: "
+        "features without gradients, only the head trains and the generator gets no adversarial gradient",
+    )
+    head: str = option("same_grid", choices=("same_grid", "reference"), help="head padding 2/1 (same_grid) or 1/1")
+    lora_targets: str = option(
+        "generator", choices=("generator", "reference"), help="LoRA targets: the generator's, or the reference's list"
+    )
+    prompt: str = option(
+        "generator",
+        choices=("generator", "reference"),
+        help="cross-attention context: the generator's prompt (detached), or reference: a learned prompt of its own",
+    )
 
 
 @dataclass(kw_only=True)
@@ -110,7 +149,17 @@ class Stage2Options:
         default_factory=lambda: TrainLoopOptions(max_steps=150_000, checkpoint_every=7500, validate_every=7500)
     )
     loss: LossOptions = option(default_factory=LossOptions)
+    gan: GanOptions = option(default_factory=GanOptions)
     disc_timestep_range: list[int] = option(default_factory=lambda: [20, 980], help="noise level range of the GAN")
+    sample_posterior: bool = option(
+        False, help="encode training crops with a VAE posterior sample (the reference) instead of its mean"
+    )
+    conv_in_training: str = option(
+        "full",
+        choices=("full", "reference"),
+        help="full: the UNet's conv_in is fine-tuned in full (plus its LoRA); reference: only its LoRA trains (the "
+        "reference code leaves conv_in's base weights frozen)",
+    )
 
     def check(self) -> tuple[str, str] | None:
         if len(self.hyper_encoder_checkpoints) != len(self.model.levels):

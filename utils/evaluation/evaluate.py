@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.blocks.codec_method import CodecMethod
+from models.blocks.codec_method import CodecMethod, DecodeLimitError
 from utils.errors import UserError
 from utils.image_io import describe_file_error, list_images, load_image, save_png, write_atomic
 from utils.evaluation.metrics import METRICS, MetricSuite
@@ -124,7 +124,10 @@ def evaluate(
                 stem = item.relative.with_suffix("")
                 folder = out_dir / dataset / f"level_{level}"
                 x = image.to(device)
-                y, size = _code_and_decode(model, x, level, folder / f"{stem}{model.file_suffix}")
+                try:
+                    y, size = _code_and_decode(model, x, level, folder / f"{stem}{model.file_suffix}")
+                except DecodeLimitError as err:  # a test image larger than max_decode_pixels: stop, naming it
+                    raise EvaluationError(f"{item.path}: {err}") from None
                 save_png(y, folder / f"{stem}.png")
                 h, w = info.height, info.width
                 record = ImageRecord(

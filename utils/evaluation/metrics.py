@@ -23,9 +23,10 @@ Conventions (the same for every metric, so numbers are comparable with papers th
   features, computed once per patch and shared. KID's subset size is min(1000, number of patches) (100 subsets,
   seeded), since a small dataset such as Kodak has fewer patches than the usual 1000.
 
-Weights are never downloaded: :class:`MetricSuite` checks every file first (``utils.weights``) and either raises
-:class:`~utils.weights.MissingWeightsError` naming the file and folder, or with ``skip_missing`` drops the metric
-with a warning saying the same.
+Weights are never downloaded: :class:`MetricSuite` checks every file first (``utils.weights``: present, and the
+published file by its SHA-256) and either raises :class:`~utils.weights.MissingWeightsError` naming the file and
+folder, or with ``skip_missing`` drops the metric with a warning saying the same. The networks are built inside
+:func:`~utils.weights.verified_loading`, so the libraries load only those files, weights-only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any, Literal
 import torch
 
 from utils.errors import UserError
-from utils.weights import MissingWeightsError, available, check_weights, create_pyiqa_metric, no_downloads
+from utils.weights import MissingWeightsError, available, check_weights, create_pyiqa_metric, verified_loading
 
 # ----------------------------------------------------------------------------------------------- names
 
@@ -149,13 +150,16 @@ def resolve_metric_names(names: Iterable[str] | None, *, skip_missing: bool = Fa
     wanted = {canonical_name(name) for name in names}
     ordered = [name for name in METRICS if name in wanted]
     problems: dict[str, str] = {}
+    kinds: set[type[MissingWeightsError]] = set()
     for name in ordered:
         try:
             check_weights(METRICS[name].weights)
         except MissingWeightsError as err:
             problems[name] = str(err)
+            kinds.add(type(err))
     if problems and not skip_missing:
-        raise MissingWeightsError("; ".join(problems.values()))
+        kind = kinds.pop() if len(kinds) == 1 else MissingWeightsError  # e.g. UnverifiedWeightsError: a wrong file
+        raise kind("; ".join(problems.values()))
     for name, problem in problems.items():
         warnings.warn(f"skipping metric {name!r}: {problem}", stacklevel=3)
     return [name for name in ordered if name not in problems]
@@ -348,7 +352,7 @@ class MetricSuite:
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        with no_downloads():
+        with verified_loading():
             inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], antialias=False)
         inception = inception.to(self.device)
         fid = kid = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from models.blocks.codec_method import DEFAULT_MAX_DECODE_PIXELS
 from utils.option_sections import RuntimeOptions
 from utils.options import option, required
 
@@ -26,6 +27,10 @@ class EvalOptions:
         default_factory=dict,
         help="model options to override in the export, e.g. {\"latent_norms\": \"oracle\"} for OSCAR's reference "
         "comparison (results are then labelled as leaking side information)",
+    )
+    max_decode_pixels: int = option(
+        DEFAULT_MAX_DECODE_PIXELS, min=1,
+        help="refuse to decode a file declaring an image of more pixels than this (test images larger than this fail)",
     )
     fast_inference: bool = option(True, help="merged LoRA, SDPA, channels_last; runtime.precision for UNet/VAE decoder")
     anchors: str | None = option("options/anchors_published.json", help="published RD points to draw (or null)")

@@ -92,9 +92,10 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
     """The checkpoint folder to resume from, checked before anything is built or written.
 
     ``None``: a new run, refused when the run folder already holds checkpoints or final weights (so a typo in a name
-    cannot silently overwrite a finished run). ``"latest"``: the newest complete checkpoint of this run, or a new run
-    when there is none yet (so one command line serves for the first start and for every restart of a preempted
-    job). Anything else: the path of a checkpoint folder, possibly of another run.
+    cannot silently overwrite a finished run). ``"latest"``: the newest checkpoint of this run that loads completely
+    (a damaged newer one is skipped with a warning that says why; none loading is an error), or a new run when there
+    is none yet (so one command line serves for the first start and for every restart of a preempted job). Anything
+    else: the path of a checkpoint folder, possibly of another run, refused in one line when it does not load.
     """
     if resume is None:
         existing = list_checkpoints(run.checkpoints)
@@ -105,14 +106,31 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
                 f"or choose another run name (--set name=...)"
             )
         return None
+    from utils.training.checkpoints import checkpoint_problem  # that module builds on this one
+
     if resume == "latest":
         existing = list_checkpoints(run.checkpoints)
-        return existing[-1][1] if existing else None
+        skipped = []
+        for _, path in reversed(existing):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("--resume latest: skipping %s: %s", path, problem)
+            skipped.append(f"{path.name}: {problem}")
+        if skipped:
+            raise TrainingError(
+                f"--resume latest: no checkpoint in {run.checkpoints} loads completely ({'; '.join(skipped)}); "
+                f"move the folder away to start the run over"
+            )
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise TrainingError(f"--resume {resume}: no such checkpoint folder")
     if not (path / STATE_FILE).is_file():
         raise TrainingError(f"--resume {resume}: not a complete checkpoint ({STATE_FILE} is missing)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise TrainingError(f"--resume {resume}: checkpoint cannot be loaded: {problem}")
     return path
 
 
@@ -124,7 +142,7 @@ def write_run_options(accelerator: Any, options: Any, run: RunDir) -> None:
         if run.options.is_file():
             try:
                 before = _flatten(json.loads(run.options.read_text(encoding="utf-8")))
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, RecursionError, AttributeError):  # unreadable: nothing to compare with
                 before = {}
             after = _flatten(options_to_dict(options))
             changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
