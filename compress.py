@@ -18,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from utils.cli.codec_args import add_model_arguments, codec_from_args
+from models.registry import add_model_arguments, codec_from_args
 from utils.errors import UserError, exit_on_user_error
 from utils.image_io import check_output_dir, describe_file_error, list_images, load_image, output_paths, write_atomic
 

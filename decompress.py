@@ -16,11 +16,9 @@ import time
 
 from tqdm import tqdm
 
-from models.blocks.codec_method import DEFAULT_MAX_DECODE_PIXELS
-from models.registry import file_suffixes
-from utils.cli.codec_args import add_model_arguments, codec_from_args
+from models.registry import add_model_arguments, codec_from_args, file_suffixes
 from utils.errors import UserError, exit_on_user_error
-from utils.image_io import check_output_dir, describe_file_error, list_files, output_paths, save_png
+from utils.image_io import DEFAULT_MAX_DECODE_PIXELS, check_output_dir, describe_file_error, list_files, output_paths, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

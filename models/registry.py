@@ -7,6 +7,7 @@ registers its class here (and reserves its container id in :mod:`models.blocks.c
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -71,3 +72,19 @@ def load_codec(
 def file_suffixes() -> tuple[str, ...]:
     """The file suffixes of every registered method (what decompress.py looks for in folders)."""
     return tuple(sorted({cls.file_suffix for cls in METHODS.values()}))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model arguments of the file CLIs (compress.py, decompress.py); :func:`codec_from_args` loads the codec."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="exported model folder (any method)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--zoo", metavar="PATH", help="base SD model folder (default: the one the export names)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="UNet and VAE-decoder precision of the fast path (bf16/fp16: faster on GPUs, within ~40 dB of fp32)",
+    )
+    parser.add_argument("--no-fast", action="store_true", help="the plain reference path (no LoRA merge, no SDPA)")
+
+
+def codec_from_args(args: argparse.Namespace) -> CodecMethod:
+    return load_codec(args.model, args.zoo, args.device, fast=not args.no_fast, precision=args.precision)

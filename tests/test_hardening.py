@@ -513,9 +513,10 @@ def test_random_states_are_restored_or_refused(finished_run: tuple[Path, Any], t
     """accelerate passes over random states it cannot apply; the checkpoint manager does not."""
     from utils.option_sections import TrainLoopOptions
     from utils.training import CheckpointManager, RunDir, TrainingError, make_accelerator
+    from utils.training.checkpoints import load_pickle
 
     run = RunDir(copy_run(finished_run, tmp_path))
-    states = torch.load(run.checkpoint(6) / "random_states_0.pkl", weights_only=False)
+    states = load_pickle(run.checkpoint(6) / "random_states_0.pkl")  # weights-only, as the manager reads it
     states["torch_manual_seed"] = torch.zeros(3, dtype=torch.uint8)  # loads as plain data, cannot be applied
     torch.save(states, run.checkpoint(6) / "random_states_0.pkl")
     rewrite_manifest(run.checkpoint(6))

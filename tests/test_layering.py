@@ -2,8 +2,9 @@
 
 Every module of the project is assigned a layer by its folder (the README's "Code layout" draws the same
 diagram). A module may import modules of its own layer and of lower layers only; a method's folder never imports
-another method's folder (what two methods share belongs in ``models/blocks``); and no two folders import each
-other. The check reads the source with ``ast``, so it sees imports inside functions too.
+another method's folder (what two methods share belongs in ``models/blocks``); no two folders import each other,
+and neither do the two top-level packages: ``utils`` (basics, and runners that receive a codec from their entry
+script) never imports ``models``. The check reads the source with ``ast``, so it sees imports inside functions too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("building blocks", ("models/blocks/",)),
     ("methods", ("models/*/",)),  # every method folder under models/ other than blocks/
     ("registry", ("models/",)),
-    ("runners", ("utils/training/", "utils/evaluation/", "utils/cli/")),
+    ("runners", ("utils/training/", "utils/evaluation/")),
     ("entry points", ("./", "scripts/")),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
@@ -97,6 +98,18 @@ def test_no_two_folders_import_each_other() -> None:
         (a, b) for a, outs in folders.items() for b in outs if a < b and a in folders.get(b, set())
     )
     assert not pairs, f"folders importing each other: {pairs}"
+
+
+def test_utils_never_imports_models() -> None:
+    """The top-level packages are layers too: models -> utils, never back."""
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in EDGES.items()
+        if module.startswith("utils")
+        for target in targets
+        if target.startswith("models")
+    )
+    assert not upward, upward
 
 
 def test_every_layer_is_populated_and_the_checker_catches_a_violation(tmp_path: Path) -> None:

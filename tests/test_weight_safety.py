@@ -114,7 +114,7 @@ def test_the_payload_is_real(tmp_path: Path) -> None:
     for legacy in (False, True):
         marker = tmp_path / f"ran-{legacy}"
         write_malicious_pickle(tmp_path / "evil.pth", marker, legacy=legacy)
-        torch.load(tmp_path / "evil.pth", weights_only=False)
+        torch.load(tmp_path / "evil.pth", weights_only=False)  # deliberately unsafe: the control that proves the attack
         assert marker.read_text() == "payload ran"
 
 
@@ -171,7 +171,7 @@ def test_a_file_swapped_after_the_check_is_refused_at_load(home: Path, tmp_path:
     head = home / "hub" / "pyiqa" / weights.DISTS.name
     plant(weights.DISTS, home, tmp_path / "ran")
     with verified_loading(), pytest.raises(UnverifiedWeightsError, match=weights.DISTS.sha256 or "-"):
-        torch.load(head, weights_only=False)
+        torch.load(head, weights_only=False)  # as a library would call it: the guard loads weights-only
     assert not (tmp_path / "ran").exists()
 
 
@@ -185,7 +185,7 @@ def test_unregistered_files_and_wrong_loaders_are_refused(home: Path, tmp_path: 
             torch.load(io.BytesIO(other.read_bytes()))
         with pytest.raises(UnsafeWeightsError, match="weights-only pickle"):
             torch.jit.load(str(home / "hub" / "pyiqa" / weights.DISTS.name))
-    assert torch.load(other)["w"].shape == (1,)  # the guards are gone after the block
+    assert torch.load(other, weights_only=True)["w"].shape == (1,)  # the guards are gone after the block
 
 
 def test_torchscript_archive_under_a_pickle_name_is_refused(home: Path) -> None:
@@ -200,5 +200,5 @@ def test_torchscript_archive_under_a_pickle_name_is_refused(home: Path) -> None:
 def test_stand_ins_load_weights_only(home: Path) -> None:
     """The registered stand-ins go through the same guard and load (that is how every metric test builds)."""
     with verified_loading():
-        state = torch.load(home / "hub" / "pyiqa" / weights.DISTS.name, weights_only=False)
+        state = torch.load(home / "hub" / "pyiqa" / weights.DISTS.name, weights_only=False)  # as pyiqa calls it
     assert set(state) == {"alpha", "beta"}

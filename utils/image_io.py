@@ -33,6 +33,10 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+# Largest image (width x height) a coded file may declare before decoding refuses it; the file format allows 2^28.
+# A file of a few hundred bytes can declare any size, and decoding costs time and memory in proportion to it.
+DEFAULT_MAX_DECODE_PIXELS = 100_000_000
+
 class ImageReadError(UserError):
     """An input image cannot be decoded (missing, not an image, truncated, too large)."""
 

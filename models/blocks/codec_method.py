@@ -35,12 +35,10 @@ import torch
 
 from models.blocks.container import size_limits_problem
 from utils.errors import UserError
+from utils.image_io import DEFAULT_MAX_DECODE_PIXELS
 from utils.options import parse_json
 
 CONFIG_FILE = "codec_config.json"
-# Largest image (width x height) a file may declare before decoding refuses it; the format itself allows 2^28. A
-# file of a few hundred bytes can declare any size, and decoding costs time and memory in proportion to it.
-DEFAULT_MAX_DECODE_PIXELS = 100_000_000
 
 
 class CodecError(UserError, ValueError):

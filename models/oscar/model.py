@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from models.blocks.codec_method import CodecError, CodecMethod, LevelInfo, Stage
+from models.blocks.codec_method import CodecError, CodecMethod, LevelInfo, Stage, run_stages
 from models.blocks.index_coder import RANS_MIN_SYMBOLS, IndexPrior, bits_per_index
 from models.blocks.lora import add_oscar_lora, trainable_unet_state
 from models.blocks.model_zoo import SDComponents
@@ -335,9 +335,11 @@ class OSCARModel(nn.Module, CodecMethod):
                   entropy=True),
         ]
 
-    def decode_stages(self) -> list[Stage]:
+    def decode_stages(self, oracle_rms: torch.Tensor | None = None) -> list[Stage]:
+        """``oracle_rms``: the original latent's norms for ``latent_norms="oracle"`` (see :meth:`roundtrip`)."""
+
         def hyper_decoder(coded: CodedImage) -> tuple[torch.Tensor, CodedImage]:
-            return self._hyper_decode(coded), coded
+            return self._hyper_decode(coded, oracle_rms), coded
 
         def unet(state: tuple[torch.Tensor, CodedImage]) -> tuple[torch.Tensor, CodedImage]:
             return self.denoise(state[0], state[1].level), state[1]
@@ -354,10 +356,10 @@ class OSCARModel(nn.Module, CodecMethod):
         """With ``latent_norms="oracle"`` the decoder is handed the original latent's norms (no file carries them)."""
         if self.config.latent_norms != "oracle":
             return super().roundtrip(image, level, write)
-        info = self.codec_info()
-        data = write(write_bitstream(self.encode(image, level), info))
-        self.check_decode_size(data)
-        return self.decode(read_bitstream(data, info), oracle_rms=self.latent_rms(image, level))
+        with torch.no_grad():  # the same stages as compress/decompress, minus their file-mode check
+            data = write(run_stages(self.encode_stages(level), image))
+            self.check_decode_size(data)
+            return run_stages(self.decode_stages(oracle_rms=self.latent_rms(image, level)), data)
 
     @property
     def side_information_leak(self) -> str | None:

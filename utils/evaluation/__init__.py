@@ -1,2 +1,2 @@
-"""Evaluation runner (test.py): real files for any method, metrics, RD plots, BD-rates. A runner: it may import
-the registry, methods, building blocks and basics."""
+"""Evaluation runner (test.py): real files for any method, metrics, RD plots, BD-rates. It receives the codec from
+its entry script and imports only the basics in ``utils/*.py``, never ``models``."""

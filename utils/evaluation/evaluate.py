@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.blocks.codec_method import CodecMethod, DecodeLimitError
 from utils.errors import UserError
 from utils.image_io import describe_file_error, list_images, load_image, save_png, write_atomic
 from utils.evaluation.metrics import METRICS, MetricSuite
@@ -63,7 +62,7 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _code_and_decode(model: CodecMethod, image: torch.Tensor, level: int, path: Path) -> tuple[torch.Tensor, int]:
+def _code_and_decode(model: Any, image: torch.Tensor, level: int, path: Path) -> tuple[torch.Tensor, int]:
     """Write the file, read it back from disk, decode it; returns the reconstruction and the file size."""
 
     def write_and_read_back(data: bytes) -> bytes:
@@ -75,7 +74,7 @@ def _code_and_decode(model: CodecMethod, image: torch.Tensor, level: int, path: 
 
 
 def evaluate(
-    model: CodecMethod,
+    model: Any,
     datasets: list[str],
     out_dir: Path,
     suite: MetricSuite,
@@ -83,7 +82,11 @@ def evaluate(
     anchors_path: str | None = None,
     bd_anchor: str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole evaluation and write every output; returns the summary."""
+    """Run the whole evaluation and write every output; returns the summary.
+
+    ``model`` is any codec (a ``models.blocks.codec_method.CodecMethod``; test.py loads it from the registry): this
+    runner uses only its interface and so imports nothing of ``models``.
+    """
     levels = list(range(model.num_levels)) if levels is None else levels
     for level in levels:
         if not 0 <= level < model.num_levels:
@@ -126,7 +129,7 @@ def evaluate(
                 x = image.to(device)
                 try:
                     y, size = _code_and_decode(model, x, level, folder / f"{stem}{model.file_suffix}")
-                except DecodeLimitError as err:  # a test image larger than max_decode_pixels: stop, naming it
+                except UserError as err:  # e.g. an image above max_decode_pixels: stop, naming the image
                     raise EvaluationError(f"{item.path}: {err}") from None
                 save_png(y, folder / f"{stem}.png")
                 h, w = info.height, info.width

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from models.blocks.codec_method import DEFAULT_MAX_DECODE_PIXELS
+from utils.image_io import DEFAULT_MAX_DECODE_PIXELS
 from utils.option_sections import RuntimeOptions
 from utils.options import option, required
 
